@@ -1,0 +1,292 @@
+"""The engine: requests in, one `step()` at a time, outputs out.
+
+    add_request() -> validate, tokenize, make n sequences, queue them
+    step()        -> schedule, run the model on the batch, append tokens, check stops
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pinfer.config import EngineConfig, ModelConfig, parse_dtype, parse_memory_size
+from pinfer.engine.block_manager import BlockManager
+from pinfer.engine.detokenizer import IncrementalDetokenizer
+from pinfer.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block
+from pinfer.engine.scheduler import Scheduler
+from pinfer.engine.sequence import Sequence, SequenceStatus
+from pinfer.errors import InvalidRequestError, PinferError
+from pinfer.loading.loader import default_dtype, load_model, open_checkpoint
+from pinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
+from pinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        checkpoint = open_checkpoint(config.model)
+        self.model_config = ModelConfig.from_hf_config(checkpoint.config)
+        self.dtype = default_dtype(checkpoint) if config.dtype == "auto" else parse_dtype(config.dtype)
+        self.device = _resolve_device(config.device)
+        self.max_model_len = self._max_model_len()
+        self.tokenizer = checkpoint.load_tokenizer()
+        model = load_model(checkpoint, self.model_config, self.dtype, self.device, self.max_model_len)
+
+        bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        num_blocks = parse_memory_size(config.kv_cache_memory) // bytes_per_block
+        if num_blocks < 1:
+            raise PinferError(
+                f"kv_cache_memory={config.kv_cache_memory!r} is smaller than one KV block ({bytes_per_block} bytes)"
+            )
+        self.runner = ModelRunner(model, self.model_config, self.dtype, self.device,
+                                  config.block_size, num_blocks, config.attention_backend)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._seed_rng = random.Random(config.seed)
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        self._token_text: dict[int, str] = {}  # decoded text of single tokens, for logprob entries
+        self.num_generated_tokens = 0
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.model_config.sliding_window:  # no sliding-window attention yet: stay inside the window
+            limit = min(limit, self.model_config.sliding_window)
+        if self.config.max_model_len is not None:
+            if self.config.max_model_len > limit:
+                raise PinferError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit} tokens")
+            limit = self.config.max_model_len
+        return limit
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    # ---- requests -----------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty (no token ids)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return None, ids
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate a tokenized request against the model and pool; return its resolved max_tokens."""
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty")
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n_prompt} tokens; the model's context length is {self.max_model_len} "
+                f"(prompt + at least one generated token must fit)"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds "
+                f"the model's context length of {self.max_model_len} tokens"
+            )
+        if n_prompt + max_tokens > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs more KV cache than the pool holds "
+                f"({self.kv_capacity_tokens} tokens); raise kv_cache_memory or lower max_tokens"
+            )
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids outside the vocabulary: {bad_stop}")
+        return max_tokens
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        text, prompt_ids = self.tokenize(prompt)
+        max_tokens = self.check_request(prompt_ids, params)
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        base_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(31)
+        seqs = []
+        for index in range(params.n):
+            seed = base_seed if index == 0 else hash((base_seed, index)) & 0x7FFFFFFF
+            seqs.append(Sequence(
+                seq_id=next(self._seq_ids), request_id=request_id, sample_index=index,
+                prompt_len=len(prompt_ids), token_ids=list(prompt_ids), params=params, seed=seed,
+                eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                max_tokens=max_tokens,
+            ))
+        request = Request(request_id, text, prompt_ids, params, seqs,
+                          RequestMetrics(arrival_time if arrival_time is not None else time.time()),
+                          [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs])
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks are freed and its partial output returned."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return outputs of requests that made progress (finished ones last time)."""
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return []
+        now = time.time()
+        for item in schedule.scheduled:
+            metrics = self.requests[item.seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        result = self.runner.execute(schedule.scheduled)
+        for item in schedule.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        return self._process(result)
+
+    def _process(self, result: StepResult) -> list[RequestOutput]:
+        now = time.time()
+        for entry in result.prompt_logprobs:
+            seq = entry.seq
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)
+            for i, (lp, rank, top) in enumerate(zip(entry.chosen, entry.ranks, entry.top)):
+                token = seq.token_ids[entry.start + i]
+                seq.prompt_logprobs.append(self._logprob_entry(token, lp, rank, top))
+        touched: dict[str, Request] = {}
+        for sample in result.sampled:
+            seq = sample.seq
+            request = self.requests[seq.request_id]
+            touched[request.request_id] = request
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            self._append_token(request, seq, sample)
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._make_output(request))
+        return outputs
+
+    def _append_token(self, request: Request, seq: Sequence, sample) -> None:
+        token = sample.token_id
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if sample.logprob is not None:
+            seq.output_logprobs.append(sample.logprob)
+            seq.output_top_logprobs.append(self._logprob_entry(token, sample.logprob, sample.rank, sample.top))
+        delta = request.detokenizers[seq.sample_index].add(token)
+        previous_len = len(seq.text)
+        seq.text += delta
+        params = seq.params
+        past_min = seq.num_output_tokens >= params.min_tokens
+        if past_min and token in params.stop_token_ids:
+            self._finish(seq, "stop", stop_reason=token)
+        elif past_min and token in seq.eos_token_ids:
+            self._finish(seq, "stop")
+        elif past_min and params.stop and self._check_stop_strings(seq, previous_len):
+            pass
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _check_stop_strings(self, seq: Sequence, previous_len: int) -> bool:
+        """Finish seq if its text now contains a stop string (which may span tokens); trim the text."""
+        for stop in seq.params.stop:
+            # only the new text and the len(stop)-1 characters before it can hold a new match
+            start = max(0, previous_len - len(stop) + 1)
+            index = seq.text.find(stop, start)
+            if index != -1:
+                end = index + len(stop) if seq.params.include_stop_str_in_output else index
+                seq.text = seq.text[:end]
+                self._finish(seq, "stop", stop_reason=stop)
+                return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> TokenLogprobs:
+        entry: TokenLogprobs = {token: Logprob(logprob, rank, self._decode_token(token))}
+        for rank_i, (alt, alt_lp) in enumerate(top, start=1):
+            if alt not in entry:
+                entry[alt] = Logprob(alt_lp, rank_i, self._decode_token(alt))
+        return entry
+
+    def _decode_token(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            wants = seq.params.logprobs is not None
+            completions.append(CompletionOutput(
+                index=seq.sample_index,
+                text=seq.text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=float(sum(seq.output_logprobs)) if wants else None,
+                logprobs=list(seq.output_top_logprobs) if wants else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                token_logprobs=list(seq.output_logprobs) if wants else None,
+            ))
+        request.metrics.num_cached_tokens = max(s.num_cached_tokens for s in request.seqs)
+        prompt_logprobs = request.seqs[0].prompt_logprobs if request.params.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             prompt_logprobs, completions, request.finished, request.metrics)

@@ -1,0 +1,201 @@
+"""Owns the model, the KV pool and the sampler; turns one scheduled batch into
+sampled tokens (and prompt logprobs where asked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pinfer.config import ModelConfig
+from pinfer.engine.scheduler import ScheduledSequence
+from pinfer.engine.sequence import Sequence
+from pinfer.model.attention import get_attention_backend
+from pinfer.model.attention.base import AttentionMetadata
+from pinfer.sampling.sampler import Sampler, SamplingBatch
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V, every layer, one block."""
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_size
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprob: float | None
+    rank: int | None
+    top: list[tuple[int, float]]  # (token_id, logprob) alternatives, most likely first
+
+
+@dataclass
+class PromptLogprobs:
+    seq: Sequence
+    start: int  # position of the first prompt token these entries score
+    chosen: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass
+class StepResult:
+    sampled: list[SampledToken]
+    prompt_logprobs: list[PromptLogprobs]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        num_blocks: int,
+        attention_backend: str,
+    ):
+        self.model, self.config, self.dtype, self.device = model, config, dtype, device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.backend = get_attention_backend(attention_backend)
+        self.sampler = Sampler()
+        self.kv_caches = self._allocate_kv_pool()
+
+    def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        pool = torch.zeros((self.config.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
+        return [(pool[i, 0], pool[i, 1]) for i in range(self.config.num_layers)]
+
+    # ---- inputs ---------------------------------------------------------------
+
+    def _prepare(self, batch: list[ScheduledSequence]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []  # flat index of the token whose logits give the next token
+        prompt_rows: list[int] = []  # flat indices whose logits score the next prompt token
+        prompt_targets: list[int] = []
+        prompt_spans: list[tuple[Sequence, int, int]] = []  # (seq, first position, count)
+        bs = self.block_size
+        for item in batch:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            base = len(input_ids)
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_lens.append(n)
+            context_lens.append(start + n)
+            if item.completes_prefill:
+                sample_rows.append(base + n - 1)
+            if seq.wants_prompt_logprobs:
+                # position p's logits score prompt token p + 1; record each prompt position once
+                first = max(start, len(seq.prompt_logprobs) - 1) if seq.prompt_logprobs else start
+                last = min(start + n, seq.prompt_len - 1)
+                if last > first:
+                    prompt_rows.extend(base + p - start for p in range(first, last))
+                    prompt_targets.extend(seq.token_ids[first + 1 : last + 1])
+                    prompt_spans.append((seq, first + 1, last - first))
+        max_blocks = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
+        query_start = [0]
+        for n in query_lens:
+            query_start.append(query_start[-1] + n)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            query_start_loc=as_tensor(query_start),
+            query_lens=as_tensor(query_lens),
+            context_lens=as_tensor(context_lens),
+            block_tables=as_tensor(tables),
+            slot_mapping=as_tensor(slots),
+            query_lens_cpu=query_lens,
+            context_lens_cpu=context_lens,
+            block_size=bs,
+        )
+        return (as_tensor(input_ids), as_tensor(positions), meta, sample_rows,
+                prompt_rows, prompt_targets, prompt_spans)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        banned: list[tuple[int, int]] = []
+        num_logprobs = -1
+        for row, seq in enumerate(seqs):
+            params = seq.params
+            if params.logprobs is not None:
+                num_logprobs = max(num_logprobs, params.logprobs)
+            if seq.num_output_tokens < params.min_tokens:
+                banned.extend((row, t) for t in (*seq.eos_token_ids, *params.stop_token_ids))
+        return SamplingBatch.from_lists(
+            temperature=[s.params.temperature for s in seqs],
+            top_k=[s.params.top_k for s in seqs],
+            top_p=[s.params.top_p for s in seqs],
+            min_p=[s.params.min_p for s in seqs],
+            seeds=[s.seed for s in seqs],
+            steps=[s.num_output_tokens for s in seqs],
+            processed=[s.params.logprobs_mode == "processed" for s in seqs],
+            num_logprobs=num_logprobs,
+            banned=banned,
+            device=self.device,
+        )
+
+    # ---- the step -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSequence]) -> StepResult:
+        (input_ids, positions, meta, sample_rows,
+         prompt_rows, prompt_targets, prompt_spans) = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        sampled: list[SampledToken] = []
+        if sample_rows:
+            seqs = [item.seq for item in batch if item.completes_prefill]
+            logits = self.model.compute_logits(hidden[sample_rows])
+            out = self.sampler(logits, self._sampling_batch(seqs))
+            sampled = self._unpack_samples(seqs, out)
+        prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
+        return StepResult(sampled, prompt_results)
+
+    @staticmethod
+    def _unpack_samples(seqs: list[Sequence], out) -> list[SampledToken]:
+        tokens = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        ranks = out.ranks.tolist() if out.ranks is not None else None
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        results = []
+        for row, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            wants = k is not None and logprobs is not None
+            top = list(zip(top_ids[row][:k], top_lps[row][:k])) if wants and k else []
+            results.append(SampledToken(
+                seq, tokens[row],
+                logprobs[row] if wants else None,
+                ranks[row] if wants else None,
+                top,
+            ))
+        return results
+
+    def _prompt_logprobs(self, hidden, rows, targets, spans) -> list[PromptLogprobs]:
+        if not rows:
+            return []
+        # Prompt logprobs are always raw: log_softmax in float32 of the model's logits.
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+        target = torch.tensor(targets, device=logprobs.device)
+        chosen = logprobs.gather(1, target[:, None]).squeeze(1)
+        ranks = (logprobs > chosen[:, None]).sum(dim=1) + 1
+        k_max = max(seq.params.prompt_logprobs for seq, _, _ in spans)
+        top_lp, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+        chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
+        top_lp_l = top_lp.tolist() if k_max else None
+        top_ids_l = top_ids.tolist() if k_max else None
+        results, offset = [], 0
+        for seq, start, count in spans:
+            k = seq.params.prompt_logprobs
+            top = [list(zip(top_ids_l[i][:k], top_lp_l[i][:k])) if k else [] for i in range(offset, offset + count)]
+            results.append(PromptLogprobs(seq, start, chosen_l[offset:offset + count],
+                                          ranks_l[offset:offset + count], top))
+            offset += count
+        return results

@@ -1,0 +1,180 @@
+"""The `pinfer` command: generate and chat (serve, bench, inspect, convert come later)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence as Seq
+
+from pinfer.config import EngineConfig
+from pinfer.errors import PinferError
+from pinfer.loading.resolve import DEFAULT_MODEL, MODEL_ALIASES
+from pinfer.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                       help=f"alias ({', '.join(MODEL_ALIASES)}), Hugging Face checkpoint folder, or .gguf file "
+                            f"(default: {DEFAULT_MODEL})")
+    group.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (default: auto)")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--kv-cache-memory", default="1GiB", help="KV pool size, e.g. 1GiB, 512MiB (default: 1GiB)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    group.add_argument("--max-num-seqs", type=int, default=256, help="max sequences per step (default: 256)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="token budget per step; longer prompts are prefilled in chunks (default: 2048)")
+    group.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    group.add_argument("--attention-backend", default="paged", choices=["paged", "blocked", "reference"])
+    group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--min-tokens", type=int, default=0)
+    group.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-k", type=int, default=-1)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("-n", type=int, default=1, help="samples per prompt")
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+    group.add_argument("--logprobs", type=int, default=None, help="return k top alternatives per token")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        n=args.n, max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pinfer.entrypoints.llm import LLM
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts.extend(line.rstrip("\n") for line in f if line.strip())
+    if not prompts:
+        raise PinferError("no prompt given: use --prompt TEXT (repeatable) or --prompt-file FILE")
+    params = sampling_params_from_args(args)
+    start = time.perf_counter()
+    llm = LLM(**vars(engine_config_from_args(args)))
+    load_s = time.perf_counter() - start
+    if args.chat:
+        requests = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    else:
+        requests = prompts
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=len(prompts) > 1 and not args.json)
+    gen_s = time.perf_counter() - start
+    num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    if args.json:
+        records = [{"prompt": p, "completions": [
+            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+             "token_logprobs": c.token_logprobs} for c in o.outputs]} for p, o in zip(prompts, outputs)]
+        json.dump({"outputs": records, "load_seconds": load_s, "generate_seconds": gen_s,
+                   "generated_tokens": num_tokens}, sys.stdout, indent=2)
+        print()
+        return 0
+    for prompt, output in zip(prompts, outputs):
+        for completion in output.outputs:
+            header = f"[{output.request_id}.{completion.index}]" if len(outputs) > 1 or args.n > 1 else ""
+            print(f"{header}{completion.text}" if header else completion.text)
+    print(f"\n-- {num_tokens} tokens in {gen_s:.2f}s ({num_tokens / max(gen_s, 1e-9):.1f} tok/s), "
+          f"model loaded in {load_s:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat that streams tokens as they are generated."""
+    from pinfer.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config_from_args(args))
+    params = sampling_params_from_args(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("pinfer chat — empty line or Ctrl-D to quit, /reset to clear the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        request_id = engine.add_request(list(ids), params)
+        shown = 0
+        reply = ""
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.request_id != request_id:
+                        continue
+                    reply = output.outputs[0].text
+                    sys.stdout.write(reply[shown:])
+                    sys.stdout.flush()
+                    shown = len(reply)
+        except KeyboardInterrupt:
+            engine.abort_request(request_id)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pinfer", description="pinfer: LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions for prompts")
+    gen.add_argument("--prompt", "-p", action="append", help="prompt text (repeatable)")
+    gen.add_argument("--prompt-file", help="file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=128)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Seq[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PinferError as exc:
+        print(f"pinfer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

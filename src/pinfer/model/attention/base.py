@@ -1,0 +1,82 @@
+"""The one interface every attention implementation follows.
+
+A step's batch is "flattened": the new tokens of all sequences are concatenated
+into one [num_tokens, ...] tensor. Sequence i owns rows
+query_start_loc[i]:query_start_loc[i+1]. Its keys/values live in the paged KV
+pool: a [num_blocks, block_size, num_kv_heads, head_dim] tensor per layer,
+addressed through block_tables[i]. The new tokens' K/V are written to the pool
+(at slot_mapping) *before* attention runs, so every backend reads the whole
+context, cached prefix included, from the pool.
+
+Causality: the j-th new token of sequence i sits at position
+context_lens[i] - query_lens[i] + j and attends to kv positions <= its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries and keys are, for one model step.
+
+    Tensors live on the model's device; the *_cpu lists mirror them so that
+    backends can make shape decisions without a device sync.
+    """
+
+    query_start_loc: torch.Tensor  # [B + 1] int64, cumulative query lengths
+    query_lens: torch.Tensor  # [B] int64, new tokens per sequence this step
+    context_lens: torch.Tensor  # [B] int64, kv length per sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, block_id * block_size + offset
+    query_lens_cpu: list[int]
+    context_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_cpu)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_cpu)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend:
+    """Computes attention for a flattened ragged batch against the paged KV pool."""
+
+    name: str = "base"
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        raise NotImplementedError
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens]
+) -> None:
+    """Write the new tokens' keys and values into their slots of the pool."""
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))

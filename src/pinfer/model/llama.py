@@ -1,0 +1,185 @@
+"""The Llama-family decoder: Llama 2/3, SmolLM, Mistral, Qwen2 (qkv bias) and
+Qwen3 (q/k RMSNorm) from one code path.
+
+The model runs on a flattened batch: the new tokens of all sequences in one
+[num_tokens] tensor, with positions and attention metadata saying who is who.
+Q/K/V and gate/up projections are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pinfer.config import ModelConfig
+from pinfer.errors import ModelLoadError
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_kv
+from pinfer.model.layers.norm import RMSNorm
+from pinfer.model.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = rotary
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = backend.forward(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, positions, kv_cache, meta, backend) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, meta, backend)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # One rotary table shared by all layers (not a parameter, not per layer).
+        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Tied embeddings: the head is the embedding matrix (re-done after to_empty, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:  # final hidden states [num_tokens, hidden]
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, positions, kv_cache, meta, backend)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ---- weights -------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face-named tensors into the fused parameters, in place.
+
+        Returns the set of parameter names written. Used both for loading a
+        checkpoint and for live weight updates.
+        """
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            target = self._map_hf_name(hf_name)
+            if target is None:
+                continue
+            name, offset = target
+            if name not in params:
+                raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
+            param = params[name]
+            dest = param.data if offset is None else param.data.narrow(0, offset, tensor.shape[0])
+            if dest.shape != tensor.shape:
+                raise ModelLoadError(
+                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded.add(f"{name}@{offset}")
+        return loaded
+
+    def expected_weight_keys(self) -> set[str]:
+        """The `name@offset` keys load_weights must have written for a complete checkpoint."""
+        keys = set()
+        for name, _ in self.named_parameters():
+            for hf_name in self._hf_names_for(name):
+                mapped = self._map_hf_name(hf_name)
+                keys.add(f"{mapped[0]}@{mapped[1]}")
+        return keys
+
+    def _qkv_offsets(self) -> dict[str, int]:
+        attn = self.layers[0].self_attn
+        return {"q_proj": 0, "k_proj": attn.q_size, "v_proj": attn.q_size + attn.kv_size}
+
+    def _map_hf_name(self, hf_name: str) -> tuple[str, int | None] | None:
+        """HF name -> (our parameter name, row offset into a fused parameter or None)."""
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # tied: the embedding is the head
+        match = re.fullmatch(r"(layers\.\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)", name)
+        if match:
+            layer, block, proj, kind = match.groups()
+            if block == "self_attn":
+                return f"{layer}.self_attn.qkv_proj.{kind}", self._qkv_offsets()[proj]
+            offset = 0 if proj == "gate_proj" else self.config.intermediate_size
+            return f"{layer}.mlp.gate_up_proj.{kind}", offset
+        return name, None
+
+    def _hf_names_for(self, name: str) -> list[str]:
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            kind = name.rsplit(".", 1)[1]
+            base = name.removesuffix(f"qkv_proj.{kind}")
+            return [f"model.{base}{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj")]
+        if name.endswith("gate_up_proj.weight"):
+            base = name.removesuffix("gate_up_proj.weight")
+            return [f"model.{base}gate_proj.weight", f"model.{base}up_proj.weight"]
+        if name == "lm_head.weight":
+            return [name]
+        return [f"model.{name}"]
