@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 
 import pytest
 from tokenizers import pre_tokenizers
@@ -59,13 +58,16 @@ def reference(smollm2_hf_dir):
     return AutoTokenizer.from_pretrained(smollm2_hf_dir)
 
 
-def test_builds_fast_without_transformers_conversion(smollm2_gguf):
-    checkpoint = GGUFCheckpoint(smollm2_gguf)
-    start = time.perf_counter()
-    tokenizer = checkpoint.load_tokenizer()
-    elapsed = time.perf_counter() - start
+def test_builds_without_transformers_gguf_conversion(smollm2_gguf, monkeypatch):
+    # The fast path builds from metadata with `tokenizers`; transformers' GGUF conversion (~10 s here) is not used.
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to transformers' GGUF tokenizer conversion")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    tokenizer = GGUFCheckpoint(smollm2_gguf).load_tokenizer()
     assert type(tokenizer).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
-    assert elapsed < 5.0, f"building the tokenizer took {elapsed:.1f} s"  # transformers: ~10 s
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pinfer.model.attention import (
     get_attention_backend,
     store_kv,
 )
+from pinfer.model.attention.paged import use_padded_prefill
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M's attention shape
 SCALE = 1.0 / math.sqrt(HEAD_DIM)
@@ -162,6 +163,42 @@ def test_decode_equals_last_row_of_prefill() -> None:
         prefill = backend.forward(full.query, full.k_cache, full.v_cache, full.meta, SCALE)
         decode = backend.forward(last.query, last.k_cache, last.v_cache, last.meta, SCALE)
         torch.testing.assert_close(decode, prefill[-1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_VARIANTS))
+def test_non_contiguous_query(backend: str) -> None:
+    """Queries sliced out of a fused QKV projection are strided views; backends must not assume otherwise."""
+    batch = make_batch(BATCHES["mixed"], block_size=5, dtype=torch.float32, seed=4)
+    fused = torch.cat([batch.query, torch.randn(batch.query.shape[0], 2 * NUM_KV_HEADS, HEAD_DIM)], dim=1)
+    query = fused[:, :NUM_HEADS]
+    assert not query.is_contiguous()
+    out = BACKEND_VARIANTS[backend]().forward(query, batch.k_cache, batch.v_cache, batch.meta, SCALE)
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_reuses_its_workspace_across_shapes_and_dtypes() -> None:
+    """The paged backend keeps one decode scratch buffer; growing, shrinking and
+    changing dtype between calls must not change results."""
+    backend = PagedAttention()
+    for seqs, dtype in [
+        ([(200, 1)] * 8, torch.float32),
+        ([(30, 1), (7, 1)], torch.float32),
+        ([(300, 1)] * 12, torch.float32),
+        (BATCHES["mixed"], torch.float32),
+        ([(90, 1)] * 5, torch.bfloat16),
+        (BATCHES["decode"], torch.float32),
+    ]:
+        batch = make_batch(seqs, block_size=16, dtype=dtype, seed=len(seqs))
+        out = backend.forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, SCALE)
+        torch.testing.assert_close(out.double(), naive_attention(batch), **TOLERANCE[dtype])
+
+
+def test_padded_prefill_only_for_short_similar_prompts() -> None:
+    assert use_padded_prefill([60, 55, 64, 58], [60, 55, 64, 58])
+    assert use_padded_prefill([64, 64], [300, 280])  # later chunks of equal size
+    assert not use_padded_prefill([60], [60])  # a single prompt: is_causal, no padding
+    assert not use_padded_prefill([1000, 20, 20], [1000, 20, 20])  # long and ragged
+    assert not use_padded_prefill([200, 10, 10, 10], [200, 10, 10, 10])  # mostly padding
 
 
 def test_registry() -> None:

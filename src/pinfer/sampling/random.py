@@ -19,16 +19,16 @@ Construction, on 32-bit words:
 a bijection on 32 bits with very low avalanche bias. Its last step,
 x ^= x >> 16, only folds the high half into the low half; the per-token
 numbers skip it and take the high bits, where the last multiply has already
-mixed every input bit. That is a quarter of the cost of the [B, V] hash.
+mixed every input bit: a quarter less work on the [B, V] grid.
 
 The [B, V] part is computed on int32 tensors holding the 32-bit pattern (int64
 costs three times as much on CPU). Two details make this exact:
   * right shifts of int32 are arithmetic, so each `x >> s` is masked to the
     low 32 - s bits, which makes it the logical shift the hash needs;
-  * multiplication wraps modulo 2**32 (two's complement), as it does in every
-    PyTorch backend; tests/sampling/test_sampler.py checks the results bit for
-    bit against a pure-Python reference, so a platform that did otherwise
-    would fail loudly rather than sample badly.
+  * multiplication wraps modulo 2**32 (two's complement), as it does in
+    PyTorch's CPU and CUDA kernels; tests/sampling/test_sampler.py checks the
+    results bit for bit against a pure-Python reference, so a platform that
+    did otherwise would fail loudly rather than sample badly.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ def gumbel(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor | i
     return uniform(seeds, steps, token_ids).log_().neg_().log_().neg_()
 
 
-def add_gumbel(values: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor | int) -> torch.Tensor:
+def add_gumbel(
+    values: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor | int
+) -> torch.Tensor:
     """values + gumbel(seeds, steps, token_ids), as a new tensor, one pass fewer."""
     log_e = uniform(seeds, steps, token_ids).log_().neg_().log_()
     return torch.sub(values, log_e, out=log_e)

@@ -14,14 +14,19 @@ Steps 3-5 in this order are vLLM v0's order (vLLM v1 applies min-p before
 top-k/top-p; only min-p together with top-p tells the two apart). Every
 cut-off is a per-row value threshold on the logits, so tokens tied with the
 last kept token are kept too, and rows with different settings share one
-batched computation: sort (top-k of the row, rarely the full row) once, find
-each row's threshold with gathers and cumulative sums, compare.
+batched computation: take each row's largest values in order (a partial
+top-k; more only for the rows whose nucleus is larger, a full sort only for
+the rare ones), find each row's threshold with gathers and cumulative sums.
 
 Random rows use the Gumbel-max trick, argmax(logits + G), which samples exactly
 from softmax(logits). G comes from a counter-based hash of (seed, step, token
 id) (see `random.py`), so a draw never depends on the rest of the batch. When
-cut-offs leave every random row with a few known candidates, noise is drawn
-only for those: the same tokens get the same noise, so the draw is identical.
+a row's cut-offs leave it a few known candidates, noise is drawn only for
+those: the same tokens get the same noise, so the draw is identical.
+
+Device syncs (free on CPU, not on a GPU): none for greedy or plain temperature
+sampling; with cut-offs, a few per round of widening (usually one round); one
+for logprobs.
 
 Logprobs (see `sampling_params.py`): raw rows use log_softmax(logits), processed
 rows log_softmax of the distribution in steps 1-5 (greedy rows: no temperature,
@@ -100,7 +105,7 @@ class SamplingBatch:
             if not all(greedy):
                 raise ValueError("seeds are required when a row samples randomly")
             seeds = [0] * rows
-        seeds = list(seeds)
+        seeds = [(int(s) + 2**63) % 2**64 - 2**63 for s in seeds]  # any python int, as int64 bits
         lengths = {len(x) for x in (top_k, top_p, min_p, processed, steps, seeds)}
         if lengths != {rows}:
             raise ValueError(f"every per-row list must have {rows} entries")
@@ -253,25 +258,25 @@ def _argmax(x: torch.Tensor) -> torch.Tensor:
     return cols.gather(1, x.gather(1, cols).max(dim=-1).indices.unsqueeze(1)).squeeze(1)
 
 
-_TOPK_BLOCK = 64
-
-
 def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x.topk(k, dim=-1): values descending and their ids (ties in any order).
 
-    For small k it looks only inside the k blocks of _TOPK_BLOCK ids with the
-    largest maxima (plus the ragged tail), which hold the k largest values:
-    ~5x faster than torch.topk over a 49k vocabulary for k = 5.
+    The k largest values lie in the k blocks of ids with the largest maxima, so
+    it looks only inside those (plus the ragged tail). With blocks of about
+    V / 4k ids this is ~5x faster than torch.topk on CPU for k = 5 and ~2x for
+    k = 1024, over a 49k vocabulary; for larger k it is torch.topk.
     """
     rows, n = x.shape
-    blocks = n // _TOPK_BLOCK
-    if k * _TOPK_BLOCK * 8 > n:
+    block = 64
+    while block >= 8 and block * 4 * k > n:
+        block //= 2
+    if block < 8:
         return x.topk(k, dim=-1)
-    head = blocks * _TOPK_BLOCK
-    block_max = x[:, :head].unflatten(1, (blocks, _TOPK_BLOCK)).amax(dim=-1)
+    blocks = n // block
+    head = blocks * block
+    block_max = x[:, :head].unflatten(1, (blocks, block)).amax(dim=-1)
     top_blocks = block_max.topk(k, dim=-1, sorted=False).indices
-    offsets = torch.arange(_TOPK_BLOCK, device=x.device)
-    cols = (top_blocks.unsqueeze(-1) * _TOPK_BLOCK + offsets).flatten(1)
+    cols = (top_blocks.unsqueeze(-1) * block + torch.arange(block, device=x.device)).flatten(1)
     if head < n:
         cols = torch.cat([cols, torch.arange(head, n, device=x.device).expand(rows, -1)], dim=1)
     values, picked = x.gather(1, cols).topk(k, dim=-1)
@@ -293,9 +298,9 @@ def _cutoffs(x: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[
     """Per-row threshold for steps 3-5, and the candidates each random row samples from.
 
     Rows look at their `width` largest values first (top_k + 1, or TOP_P_WIDTH
-    for top-p and min-p). The few whose nucleus runs past them look again at 4x as many,
-    and so on up to the whole sorted row; each width's rows form one group.
-    (On CPU, torch.topk of 256 of 49152 costs ~1/20 of a full sort per row.)
+    for top-p and min-p). The few whose nucleus runs past them look again at
+    4x as many, and so on up to the whole sorted row; each width's rows form
+    one group. (On CPU, torch.topk of 256 of 49152 costs ~1/20 of a full sort.)
     """
     vocab = x.shape[1]
     if batch.all_greedy and not (batch.max_top_k > 0 or batch.any_top_p):  # min-p only: no sort
@@ -303,8 +308,11 @@ def _cutoffs(x: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[
     random_rows = batch.temperature >= GREEDY_TEMPERATURE
     # top_k + 1, to see whether the k-th value's ties run past the candidates;
     # min-p keeps few tokens too, and then noise for them only is cheaper.
+    max_top_k = batch.max_top_k
+    if max_top_k >= vocab:  # top_k >= V keeps everything: size the candidates for the other rows
+        max_top_k = int(batch.top_k.masked_fill(batch.top_k >= vocab, 0).max())
     wide = batch.any_top_p or batch.any_min_p
-    width = min(vocab, max(batch.max_top_k + 1, TOP_P_WIDTH if wide else 0))
+    width = min(vocab, max(max_top_k + 1, TOP_P_WIDTH if wide else 0))
     rows, cutoff, groups = None, None, []
     while True:
         sub_cutoff, values, ids, decided = _row_cutoffs(
@@ -318,7 +326,7 @@ def _cutoffs(x: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, list[
         within = values[:, -1] < sub_cutoff if width < vocab else torch.ones_like(decided)
         is_random = _take(random_rows, rows)
         done = decided & (within | ~is_random)
-        whole_vocab = decided & ~within & is_random  # no top-k/top-p, or top-k ties past the candidates
+        whole_vocab = decided & ~within & is_random  # no cut-off, or it keeps more than the candidates
         all_done, any_whole_vocab = torch.stack([done.all(), whole_vocab.any()]).tolist()
         if all_done:
             groups.append(_Candidates(rows, values, ids))
@@ -385,13 +393,14 @@ def _row_cutoffs(x, top_k, top_p, min_p, width: int, batch: SamplingBatch):
 
 def _logprobs(raw, x, cutoff, token_ids, batch: SamplingBatch) -> SamplerOutput:
     """Chosen-token logprob, rank and top alternatives, per row in its mode."""
-    processed = x if cutoff is None else x.masked_fill(x < cutoff.unsqueeze(1), _NEG_INF)
-    if batch.processed_logprobs.all():  # one sync, to skip a [B, V] pass
-        source = processed
-    elif not batch.processed_logprobs.any():
+    mode = batch.processed_logprobs
+    all_processed, any_processed = torch.stack([mode.all(), mode.any()]).tolist()  # skips [B, V] passes
+    if not any_processed:
         source = raw
     else:
-        source = torch.where(batch.processed_logprobs.unsqueeze(1), processed, raw)
+        source = x if cutoff is None else x.masked_fill(x < cutoff.unsqueeze(1), _NEG_INF)
+        if not all_processed:
+            source = torch.where(mode.unsqueeze(1), source, raw)
     logprobs = torch.log_softmax(source, dim=-1)
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))
     # Rank from the logits, which rounding has not merged into ties.
