@@ -56,3 +56,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # set when the engine failed this request (its completions then finish with "error"); others are unaffected
+    error: str | None = None

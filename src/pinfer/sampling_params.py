@@ -31,6 +31,9 @@ class SamplingParams:
     top_k: int = -1  # -1 (or 0) disables
     top_p: float = 1.0
     min_p: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI: subtract this from tokens already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtract this times each token's count in the output
+    repetition_penalty: float = 1.0  # HF/vLLM: divide positive (multiply negative) logits of prompt+output tokens
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -68,6 +71,12 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
         if not (0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise InvalidRequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise InvalidRequestError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and self.logprobs < 0:
             raise InvalidRequestError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
@@ -82,3 +91,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

@@ -26,6 +26,19 @@ from pinfer.sampling_params import SamplingParams
 
 
 @dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by live sequences
+    prefix_cache_hit_rate: float  # prompt tokens served from the prefix cache / prompt tokens looked up
+    num_prompt_tokens: int  # cumulative
+    num_generated_tokens: int  # cumulative
+    num_preemptions: int  # cumulative
+    num_free_blocks: int
+    num_blocks: int
+
+
+@dataclass
 class Request:
     request_id: str
     prompt: str | None
@@ -34,6 +47,7 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -76,6 +90,7 @@ class LLMEngine:
         )
         self._token_text: dict[int, str] = {}  # decoded text of single tokens, for logprob entries
         self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
 
     def _max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -161,6 +176,7 @@ class LLMEngine:
                           RequestMetrics(arrival_time if arrival_time is not None else time.time()),
                           [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs])
         self.requests[request_id] = request
+        self.num_prompt_tokens += len(prompt_ids)
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
@@ -179,6 +195,31 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            prefix_cache_hit_rate=bm.prefix_hit_rate,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+        )
+
+    def _fail_request(self, request: Request, error: str) -> RequestOutput:
+        """End one request with an error, freeing its blocks; the engine goes on with the others."""
+        request.error = error
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        self.requests.pop(request.request_id, None)
+        request.metrics.finished_time = time.time()
+        return self._make_output(request)
+
     # ---- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -191,7 +232,12 @@ class LLMEngine:
             metrics = self.requests[item.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
-        result = self.runner.execute(schedule.scheduled)
+        try:
+            result = self.runner.execute(schedule.scheduled)
+        except Exception as exc:  # a failed step fails the requests in it, not the engine
+            failed = {item.seq.request_id: self.requests[item.seq.request_id] for item in schedule.scheduled}
+            message = f"engine step failed: {type(exc).__name__}: {exc}"
+            return [self._fail_request(request, message) for request in failed.values()]
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
         return self._process(result)
@@ -206,14 +252,21 @@ class LLMEngine:
                 token = seq.token_ids[entry.start + i]
                 seq.prompt_logprobs.append(self._logprob_entry(token, lp, rank, top))
         touched: dict[str, Request] = {}
+        failed: list[RequestOutput] = []
         for sample in result.sampled:
             seq = sample.seq
-            request = self.requests[seq.request_id]
+            request = self.requests.get(seq.request_id)
+            if request is None:  # failed earlier in this loop
+                continue
             touched[request.request_id] = request
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
-            self._append_token(request, seq, sample)
-        outputs = []
+            try:
+                self._append_token(request, seq, sample)
+            except Exception as exc:  # e.g. a detokenizer error: fail this request only
+                del touched[request.request_id]
+                failed.append(self._fail_request(request, f"{type(exc).__name__}: {exc}"))
+        outputs = failed
         for request in touched.values():
             if request.finished:
                 request.metrics.finished_time = now
@@ -276,9 +329,14 @@ class LLMEngine:
         completions = []
         for seq in request.seqs:
             wants = seq.params.logprobs is not None
+            text = seq.text
+            if seq.params.stop and not seq.is_finished:
+                # hold back what could be the start of a stop string, so a stream never shows one
+                hold = max(len(stop) for stop in seq.params.stop) - 1
+                text = text[: max(0, len(text) - hold)]
             completions.append(CompletionOutput(
                 index=seq.sample_index,
-                text=seq.text,
+                text=text,
                 token_ids=list(seq.output_token_ids),
                 cumulative_logprob=float(sum(seq.output_logprobs)) if wants else None,
                 logprobs=list(seq.output_top_logprobs) if wants else None,
@@ -289,4 +347,4 @@ class LLMEngine:
         request.metrics.num_cached_tokens = max(s.num_cached_tokens for s in request.seqs)
         prompt_logprobs = request.seqs[0].prompt_logprobs if request.params.prompt_logprobs is not None else None
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             prompt_logprobs, completions, request.finished, request.metrics)
+                             prompt_logprobs, completions, request.finished, request.metrics, request.error)

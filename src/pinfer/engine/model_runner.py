@@ -13,6 +13,7 @@ from pinfer.engine.scheduler import ScheduledSequence
 from pinfer.engine.sequence import Sequence
 from pinfer.model.attention import get_attention_backend
 from pinfer.model.attention.base import AttentionMetadata
+from pinfer.sampling.penalties import penalty_bias
 from pinfer.sampling.sampler import Sampler, SamplingBatch
 
 
@@ -120,7 +121,7 @@ class ModelRunner:
         return (as_tensor(input_ids), as_tensor(positions), meta, sample_rows,
                 prompt_rows, prompt_targets, prompt_spans)
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplingBatch:
         banned: list[tuple[int, int]] = []
         num_logprobs = -1
         for row, seq in enumerate(seqs):
@@ -129,6 +130,16 @@ class ModelRunner:
                 num_logprobs = max(num_logprobs, params.logprobs)
             if seq.num_output_tokens < params.min_tokens:
                 banned.extend((row, t) for t in (*seq.eos_token_ids, *params.stop_token_ids))
+        bias = None
+        if any(s.params.has_penalties for s in seqs):
+            bias = penalty_bias(
+                logits.float(),
+                output_tokens=[s.output_token_ids for s in seqs],
+                prompt_tokens=[s.prompt_token_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs],
+                presence=[s.params.presence_penalty for s in seqs],
+                frequency=[s.params.frequency_penalty for s in seqs],
+                repetition=[s.params.repetition_penalty for s in seqs],
+            )
         return SamplingBatch.from_lists(
             temperature=[s.params.temperature for s in seqs],
             top_k=[s.params.top_k for s in seqs],
@@ -140,6 +151,7 @@ class ModelRunner:
             num_logprobs=num_logprobs,
             banned=banned,
             device=self.device,
+            logit_bias=bias,
         )
 
     # ---- the step -------------------------------------------------------------
@@ -153,7 +165,7 @@ class ModelRunner:
         if sample_rows:
             seqs = [item.seq for item in batch if item.completes_prefill]
             logits = self.model.compute_logits(hidden[sample_rows])
-            out = self.sampler(logits, self._sampling_batch(seqs))
+            out = self.sampler(logits, self._sampling_batch(seqs, logits))
             sampled = self._unpack_samples(seqs, out)
         prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
         return StepResult(sampled, prompt_results)

@@ -1,6 +1,7 @@
 """Next-token sampling for a whole batch in one pass, with logprobs.
 
 What a row samples from (its "processed" distribution), in float32:
+  0. + logit_bias, if any (presence/frequency/repetition penalties, see penalties.py).
   1. banned tokens (EOS under min_tokens) -> -inf. First, as vLLM applies
      min_tokens before everything else: a cut-off such as top_k=1 then picks
      the best allowed token instead of leaving nothing to sample.
@@ -67,6 +68,7 @@ class SamplingBatch:
     num_logprobs: int  # top alternatives wanted (max over rows); 0 = chosen only; -1 = no logprobs
     banned_rows: torch.Tensor | None  # [M] int64, with banned_tokens: (row, token) never sampled
     banned_tokens: torch.Tensor | None
+    logit_bias: torch.Tensor | None  # [B, V] float32 added to the processed logits (penalties); None = none
     all_greedy: bool
     all_random: bool
     needs_filtering: bool  # a top-k/top-p/min-p cut-off changes a sample or a processed logprob
@@ -92,6 +94,7 @@ class SamplingBatch:
         num_logprobs: int = -1,
         banned: Sequence[tuple[int, int]] = (),
         device: torch.device | str = "cpu",
+        logit_bias: torch.Tensor | None = None,
     ) -> SamplingBatch:
         """Build from per-row python values; omitted lists mean "disabled" (steps: 0)."""
         rows = len(temperature)
@@ -137,6 +140,7 @@ class SamplingBatch:
             num_logprobs=num_logprobs,
             banned_rows=banned_rows,
             banned_tokens=banned_tokens,
+            logit_bias=logit_bias,
             all_greedy=all(greedy),
             all_random=not any(greedy),
             needs_filtering=needs_filtering,
@@ -286,6 +290,8 @@ def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _scaled_logits(raw: torch.Tensor, batch: SamplingBatch, greedy: torch.Tensor) -> torch.Tensor:
     """Banned tokens at -inf, random rows divided by their temperature. May alias `raw`."""
     x = raw
+    if batch.logit_bias is not None:
+        x = raw + batch.logit_bias
     if batch.banned_rows is not None:
         x = x.index_put((batch.banned_rows, batch.banned_tokens), x.new_tensor(_NEG_INF))
     if batch.any_temperature:
