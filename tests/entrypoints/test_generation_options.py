@@ -118,3 +118,22 @@ def test_text_equals_decoding_the_tokens(smollm2_llm):
                        temperature=1.0, seed=2).outputs[0]
     tokenizer = smollm2_llm.get_tokenizer()
     assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_top_k_5_on_the_model_only_ever_samples_its_5_most_likely_tokens(smollm2_llm):
+    out = generate_one(smollm2_llm, n=64, max_tokens=1, temperature=1.5, top_k=5, seed=0, logprobs=5)
+    top5 = {t for t, lp in out.outputs[0].logprobs[0].items() if lp.rank <= 5}  # raw ranks of the model
+    sampled = {c.token_ids[0] for c in out.outputs}
+    assert len(top5) == 5 and sampled <= top5 and len(sampled) > 1
+
+
+def test_top_p_on_the_model_samples_only_inside_the_nucleus(smollm2_llm):
+    out = generate_one(smollm2_llm, n=64, max_tokens=1, temperature=1.0, top_p=0.5, seed=0, logprobs=20)
+    ranked = sorted(out.outputs[0].logprobs[0].items(), key=lambda kv: kv[1].rank)
+    nucleus, mass = set(), 0.0
+    for token, lp in ranked:  # smallest set of most likely tokens whose probability reaches top_p
+        nucleus.add(token)
+        mass += math.exp(lp.logprob)
+        if mass >= 0.5:
+            break
+    assert mass >= 0.5 and {c.token_ids[0] for c in out.outputs} <= nucleus

@@ -1,4 +1,4 @@
-"""The `pinfer` command: generate and chat (serve, bench, inspect, convert come later)."""
+"""The `pinfer` command: generate, chat and serve (bench, inspect, convert come later)."""
 
 from __future__ import annotations
 
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+
+    from pinfer.serving.cli import add_serve_parser  # imports FastAPI only when `serve` runs
+
+    add_serve_parser(sub)
     return parser
 
 
