@@ -88,6 +88,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
+        self.weight_version = 0  # bumped by every update_weights()
+        self.paused = False
+        self.sleeping = False
         self._token_text: dict[int, str] = {}  # decoded text of single tokens, for logprob entries
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -157,6 +160,8 @@ class LLMEngine:
     ) -> str:
         params = params or SamplingParams()
         params.validate()
+        if self.sleeping:
+            raise InvalidRequestError("the engine is asleep; call wake_up() first")
         text, prompt_ids = self.tokenize(prompt)
         max_tokens = self.check_request(prompt_ids, params)
         request_id = request_id if request_id is not None else str(next(self._request_ids))
@@ -209,6 +214,50 @@ class LLMEngine:
             num_blocks=bm.num_blocks,
         )
 
+    # ---- RL controls: live weights, pause, sleep ------------------------------------
+
+    def update_weights(self, weights, reset_prefix_cache: bool = True) -> int:
+        """Copy new weights into the model in place (no reload) and bump weight_version.
+
+        `weights`: a state_dict-like mapping or an iterable of (hf_name, tensor),
+        with Hugging Face names (a transformers model's state_dict() works as is).
+        Every name and shape is checked before anything changes. Sequences in
+        flight keep the K/V they computed with the old weights: pause() and let
+        them finish or abort them first if that matters. Returns tensors written.
+        """
+        items = weights.items() if hasattr(weights, "items") else weights
+        with torch.inference_mode():
+            written = self.runner.model.load_weights(items, validate_first=True)
+        if not written:
+            raise InvalidRequestError("update_weights got no tensor this model stores (check the names)")
+        if reset_prefix_cache:  # cached blocks hold K/V of the old weights
+            self.block_manager.reset_prefix_cache()
+        self.weight_version += 1
+        return len(written)
+
+    def pause(self) -> None:
+        """Stop stepping: step() does nothing until resume(); requests stay queued with their blocks."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def sleep(self) -> None:
+        """Release the KV pool's memory (e.g. while a trainer on the same machine runs).
+
+        Needs an idle engine: finish or abort requests first. wake_up() restores service.
+        """
+        if self.has_unfinished_requests():
+            raise InvalidRequestError("cannot sleep with unfinished requests; abort or finish them first")
+        self.block_manager.reset_prefix_cache()  # the pool's contents are gone
+        self.runner.release_kv_pool()
+        self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.runner.allocate_kv_pool()
+            self.sleeping = False
+
     def _fail_request(self, request: Request, error: str) -> RequestOutput:
         """End one request with an error, freeing its blocks; the engine goes on with the others."""
         request.error = error
@@ -224,6 +273,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of requests that made progress (finished ones last time)."""
+        if self.paused or self.sleeping:
+            return []
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
             return []

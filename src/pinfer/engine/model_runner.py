@@ -65,6 +65,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_pool()
 
+    def release_kv_pool(self) -> None:
+        """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
+        self.kv_caches = []
+
+    def allocate_kv_pool(self) -> None:
+        self.kv_caches = self._allocate_kv_pool()
+
     def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         pool = torch.zeros((self.config.num_layers, 2, *shape), dtype=self.dtype, device=self.device)

@@ -37,6 +37,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for each prompt (text or token ids); outputs come back in input order."""
+        if self.engine.paused:
+            raise InvalidRequestError("the engine is paused; call llm.engine.resume() first")
         prompts = _as_prompt_list(prompts)
         params = _broadcast_params(sampling_params, len(prompts))
         # Validate everything before queuing anything: a bad prompt fails the call, not half of it.

@@ -118,30 +118,42 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], validate_first: bool = False) -> set[str]:
         """Copy Hugging Face-named tensors into the fused parameters, in place.
 
-        Returns the set of parameter names written. Used both for loading a
-        checkpoint and for live weight updates.
+        Returns the `name@offset` keys written. Used both for loading a
+        checkpoint (streamed, one tensor at a time) and for live weight updates
+        (validate_first: check every name and shape before changing anything).
         """
         params = dict(self.named_parameters())
+        if validate_first:
+            weights = list(weights)
+            for hf_name, tensor in weights:
+                self._destination(params, hf_name, tensor)
         loaded: set[str] = set()
         for hf_name, tensor in weights:
-            target = self._map_hf_name(hf_name)
-            if target is None:
-                continue
-            name, offset = target
-            if name not in params:
-                raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
-            param = params[name]
-            dest = param.data if offset is None else param.data.narrow(0, offset, tensor.shape[0])
-            if dest.shape != tensor.shape:
-                raise ModelLoadError(
-                    f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
-            loaded.add(f"{name}@{offset}")
+            found = self._destination(params, hf_name, tensor)
+            if found is not None:
+                key, dest = found
+                dest.copy_(tensor)
+                loaded.add(key)
         return loaded
+
+    def _destination(self, params: dict, hf_name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """The slice of a parameter an HF-named tensor goes to (None: not stored, e.g. a tied head)."""
+        target = self._map_hf_name(hf_name)
+        if target is None:
+            return None
+        name, offset = target
+        if name not in params:
+            raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
+        param = params[name]
+        dest = param.data if offset is None else param.data.narrow(0, offset, tensor.shape[0])
+        if dest.shape != tensor.shape:
+            raise ModelLoadError(
+                f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
+        return f"{name}@{offset}", dest
 
     def expected_weight_keys(self) -> set[str]:
         """The `name@offset` keys load_weights must have written for a complete checkpoint."""
