@@ -14,7 +14,7 @@ PPO/GRPO importance ratios that assume the sampling distribution should use
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pinfer.errors import InvalidRequestError

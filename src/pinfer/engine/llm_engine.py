@@ -18,7 +18,7 @@ from pinfer.engine.block_manager import BlockManager
 from pinfer.engine.detokenizer import IncrementalDetokenizer
 from pinfer.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block
 from pinfer.engine.scheduler import Scheduler
-from pinfer.engine.sequence import Sequence, SequenceStatus
+from pinfer.engine.sequence import Sequence
 from pinfer.errors import InvalidRequestError, PinferError
 from pinfer.loading.loader import default_dtype, load_model, open_checkpoint
 from pinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
@@ -124,6 +124,24 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return None, ids
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+    ) -> list[int]:
+        """Render a conversation with the model's (or the given) chat template into prompt token ids.
+
+        Reads only the tokenizer: safe to call from any thread.
+        """
+        if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template; pass chat_template=...")
+        if not messages:
+            raise InvalidRequestError("messages is empty")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+        )
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validate a tokenized request against the model and pool; return its resolved max_tokens."""

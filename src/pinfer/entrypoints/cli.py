@@ -124,10 +124,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        request_id = engine.add_request(list(ids), params)
+        request_id = engine.add_request(engine.apply_chat_template(messages), params)
         shown = 0
         reply = ""
         try:

@@ -65,17 +65,7 @@ class LLM:
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True, chat_template: str | None = None
     ) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError("this model's tokenizer has no chat template; pass chat_template=...")
-        if not messages:
-            raise InvalidRequestError("messages is empty")
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.engine.apply_chat_template(messages, add_generation_prompt, chat_template)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

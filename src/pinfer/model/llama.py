@@ -126,13 +126,11 @@ class LlamaForCausalLM(nn.Module):
         (validate_first: check every name and shape before changing anything).
         """
         params = dict(self.named_parameters())
+        targets = ((self._destination(params, hf_name, tensor), tensor) for hf_name, tensor in weights)
         if validate_first:
-            weights = list(weights)
-            for hf_name, tensor in weights:
-                self._destination(params, hf_name, tensor)
+            targets = list(targets)  # every name and shape resolved (and checked) before any copy
         loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            found = self._destination(params, hf_name, tensor)
+        for found, tensor in targets:
             if found is not None:
                 key, dest = found
                 dest.copy_(tensor)

@@ -167,14 +167,10 @@ class OpenAIServing:
                               param="messages")
         messages = body.template_messages()
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                                tokenize=True)
+            return self.engine.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
         except Exception as exc:  # template errors (e.g. a role the template rejects) are the request's fault
             raise OpenAIError(400, f"messages could not be rendered with the chat template: {exc}",
                               param="messages") from exc
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
 
     # ---- validation (event loop; never touches the engine's mutable state) --------------
 
