@@ -3,8 +3,6 @@ checkpoint made from them by transformers' own GGUF loader."""
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from pathlib import Path
 
@@ -27,26 +25,9 @@ def smollm2_hf_dir(smollm2_gguf: Path) -> Path:
     """A float32 Hugging Face folder made by *transformers* from the GGUF file:
     its dequantization, Q/K un-permutation and tokenizer are independent of ours.
     Built once and cached under .cache/tests (keyed by the GGUF's size)."""
-    stat = smollm2_gguf.stat()
-    out = CACHE_DIR / f"smollm2-hf-{stat.st_size}"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pinfer.rl.hf_policy import gguf_to_hf_folder
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain one.
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(gguf_model)(config)
-    plain.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return gguf_to_hf_folder(smollm2_gguf, CACHE_DIR / f"smollm2-hf-{smollm2_gguf.stat().st_size}")
 
 
 @pytest.fixture(scope="session")

@@ -145,10 +145,19 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    attention_backend: str = "paged"
+    attention_backend: str | None = None  # None: "paged", or "batch_invariant" when deterministic
     seed: int = 0  # draws seeds for requests that do not set one
+    # Batch-invariant mode: a request's tokens and logprobs are bitwise the same whatever else
+    # runs with it (batch size, chunking, preemption). Slower; see model/batch_invariant.py.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
+        if self.attention_backend is None:
+            self.attention_backend = "batch_invariant" if self.deterministic else "paged"
+        elif self.deterministic and self.attention_backend != "batch_invariant":
+            raise PinferError(
+                f"deterministic=True needs the batch_invariant attention backend, not {self.attention_backend!r}"
+            )
         if self.block_size < 1:
             raise PinferError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -201,10 +201,28 @@ def test_padded_prefill_only_for_short_similar_prompts() -> None:
     assert not use_padded_prefill([200, 10, 10, 10], [200, 10, 10, 10])  # mostly padding
 
 
+def test_batch_invariant_rows_do_not_depend_on_the_batch() -> None:
+    """A token's output is bitwise the same alone, in a mixed batch, as a chunk or as a decode step."""
+    backend = get_attention_backend("batch_invariant")
+    mixed = make_batch(BATCHES["mixed"], block_size=16, dtype=torch.float32, seed=3)
+    full = backend.forward(mixed.query, mixed.k_cache, mixed.v_cache, mixed.meta, SCALE)
+    starts = mixed.meta.query_start_loc.tolist()
+    for i, (context_len, query_len) in enumerate(BATCHES["mixed"]):
+        # Sequence i alone, then each of its tokens as a one-token step over the same pages.
+        rows = slice(starts[i], starts[i + 1])
+        alone = build_metadata([(context_len, query_len)], [mixed.meta.block_tables[i].tolist()], 16)
+        out = backend.forward(mixed.query[rows], mixed.k_cache, mixed.v_cache, alone, SCALE)
+        assert torch.equal(out, full[rows])
+        for j in range(query_len):
+            one = build_metadata([(context_len - query_len + j + 1, 1)], [mixed.meta.block_tables[i].tolist()], 16)
+            token = mixed.query[starts[i] + j : starts[i] + j + 1]
+            assert torch.equal(backend.forward(token, mixed.k_cache, mixed.v_cache, one, SCALE), full[starts[i] + j][None])
+
+
 def test_registry() -> None:
-    assert set(ATTENTION_BACKENDS) == {"reference", "blocked", "paged"}
+    assert set(ATTENTION_BACKENDS) == {"reference", "blocked", "paged", "batch_invariant"}
     assert get_attention_backend().name == "paged"
     for name in ATTENTION_BACKENDS:
         assert get_attention_backend(name).name == name
-    with pytest.raises(ValueError, match="reference, blocked, paged"):
+    with pytest.raises(ValueError, match="reference, blocked, paged, batch_invariant"):
         get_attention_backend("flash")

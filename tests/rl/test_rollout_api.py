@@ -139,3 +139,36 @@ def test_sleep_refuses_while_requests_are_unfinished(smollm2_llm):
     with pytest.raises(InvalidRequestError, match="unfinished requests"):
         engine.sleep()
     engine.abort_request(rid)
+
+
+def test_sleep_level_2_drops_the_weights_too(smollm2_gguf, hf_smollm2, prompts):
+    engine = RolloutEngine(str(smollm2_gguf), dtype="float32", kv_cache_memory="64MiB")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    before = engine.generate(prompts[:2], params)
+    rss_awake = rss_bytes()
+    engine.sleep(level=2)
+    rss_asleep = rss_bytes()
+    print(f"sleep(level=2): RSS awake {rss_awake / 2**20:.0f} MiB, asleep {rss_asleep / 2**20:.0f} MiB")
+    assert rss_awake - rss_asleep > 450 * 2**20  # 540 MB of float32 weights and the 64 MiB pool
+    engine.wake_up()  # re-reads the checkpoint
+    again = engine.generate(prompts[:2], params)
+    assert [(g[0].token_ids, g[0].logprobs.tolist()) for g in again] == \
+        [(g[0].token_ids, g[0].logprobs.tolist()) for g in before]
+
+    # A trainer about to push its own weights skips the reload; until it has pushed all, no requests.
+    engine.sleep(level=2)
+    engine.wake_up(reload_weights=False)
+    with pytest.raises(InvalidRequestError, match="still owes"):
+        engine.generate(prompts[:1], params)
+    state = hf_smollm2.state_dict()
+    engine.update_weights({k: v for k, v in state.items() if "layers.0." not in k})
+    with pytest.raises(InvalidRequestError, match="still owes"):
+        engine.generate(prompts[:1], params)
+    engine.update_weights({k: v for k, v in state.items() if "layers.0." in k})
+    restored = engine.generate(prompts[:2], params)
+    assert [g[0].token_ids for g in restored] == [g[0].token_ids for g in before]
+
+
+def test_sleep_rejects_an_unknown_level(smollm2_llm):
+    with pytest.raises(InvalidRequestError, match="level"):
+        smollm2_llm.engine.sleep(level=3)

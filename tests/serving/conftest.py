@@ -37,6 +37,8 @@ SERVER_FLAGS = {
                      "--kv-cache-memory", "64MiB"],
     # gets SIGTERM
     "sigterm_server": ["--shutdown-timeout", "6", "--kv-cache-memory", "64MiB"],
+    # RL controls (pause, sleep, weight updates) change its state; API key to check they need it
+    "rl_server": ["--api-key", "rl-secret", "--kv-cache-memory", "128MiB"],
 }
 
 
@@ -111,6 +113,11 @@ def small_server(_server_pool) -> ServerProcess:
 @pytest.fixture(scope="session")
 def sigterm_server(_server_pool) -> ServerProcess:
     return _server_pool["sigterm_server"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def rl_server(_server_pool) -> ServerProcess:
+    return _server_pool["rl_server"].wait_ready()
 
 
 @pytest.fixture(scope="session")

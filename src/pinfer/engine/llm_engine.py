@@ -78,7 +78,7 @@ class LLMEngine:
                 f"kv_cache_memory={config.kv_cache_memory!r} is smaller than one KV block ({bytes_per_block} bytes)"
             )
         self.runner = ModelRunner(model, self.model_config, self.dtype, self.device,
-                                  config.block_size, num_blocks, config.attention_backend)
+                                  config.block_size, num_blocks, config.attention_backend, config.deterministic)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
@@ -91,6 +91,8 @@ class LLMEngine:
         self.weight_version = 0  # bumped by every update_weights()
         self.paused = False
         self.sleeping = False
+        self._released_weights: dict[str, tuple[torch.Size, torch.dtype]] = {}  # sleep(level=2)
+        self._weights_pending: set[str] = set()  # wake_up(reload_weights=False): keys update_weights still owes
         self._token_text: dict[int, str] = {}  # decoded text of single tokens, for logprob entries
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -180,6 +182,10 @@ class LLMEngine:
         params.validate()
         if self.sleeping:
             raise InvalidRequestError("the engine is asleep; call wake_up() first")
+        if self._weights_pending:
+            raise InvalidRequestError(
+                f"the weights dropped by sleep(level=2) were not restored: update_weights() still owes "
+                f"{len(self._weights_pending)} tensor(s)")
         text, prompt_ids = self.tokenize(prompt)
         max_tokens = self.check_request(prompt_ids, params)
         request_id = request_id if request_id is not None else str(next(self._request_ids))
@@ -248,10 +254,16 @@ class LLMEngine:
             written = self.runner.model.load_weights(items, validate_first=True)
         if not written:
             raise InvalidRequestError("update_weights got no tensor this model stores (check the names)")
+        self._weights_pending -= written
         if reset_prefix_cache:  # cached blocks hold K/V of the old weights
             self.block_manager.reset_prefix_cache()
         self.weight_version += 1
         return len(written)
+
+    @property
+    def num_weights_pending(self) -> int:
+        """Tensors update_weights() must still write after wake_up(reload_weights=False); 0 normally."""
+        return len(self._weights_pending)
 
     def pause(self) -> None:
         """Stop stepping: step() does nothing until resume(); requests stay queued with their blocks."""
@@ -260,21 +272,42 @@ class LLMEngine:
     def resume(self) -> None:
         self.paused = False
 
-    def sleep(self) -> None:
-        """Release the KV pool's memory (e.g. while a trainer on the same machine runs).
+    def sleep(self, level: int = 1) -> None:
+        """Release memory while a trainer on the same machine runs (vLLM's sleep levels).
 
-        Needs an idle engine: finish or abort requests first. wake_up() restores service.
+        level 1 frees the KV pool; level 2 also frees the weights. Needs an idle
+        engine: finish or abort requests first. wake_up() restores service.
         """
+        if level not in (1, 2):
+            raise InvalidRequestError(f"level must be 1 (KV cache) or 2 (KV cache and weights), got {level!r}")
         if self.has_unfinished_requests():
             raise InvalidRequestError("cannot sleep with unfinished requests; abort or finish them first")
         self.block_manager.reset_prefix_cache()  # the pool's contents are gone
         self.runner.release_kv_pool()
+        if level == 2 and not self._released_weights:
+            self._released_weights = self.runner.release_weights()
         self.sleeping = True
 
-    def wake_up(self) -> None:
-        if self.sleeping:
-            self.runner.allocate_kv_pool()
-            self.sleeping = False
+    def wake_up(self, reload_weights: bool = True) -> None:
+        """Bring the KV pool (and weights dropped by sleep(level=2)) back.
+
+        Dropped weights are re-read from the checkpoint the engine was built from;
+        reload_weights=False skips that for a trainer about to push its own:
+        requests are then refused until update_weights() has written every tensor.
+        """
+        if not self.sleeping:
+            return
+        self.runner.allocate_kv_pool()
+        if self._released_weights:
+            self.runner.restore_weights(self._released_weights)
+            self._released_weights = {}
+            if reload_weights:
+                with torch.inference_mode():
+                    self.runner.model.load_weights(open_checkpoint(self.config.model).weights(self.dtype))
+                self._weights_pending = set()
+            else:
+                self._weights_pending = self.runner.model.expected_weight_keys()
+        self.sleeping = False
 
     def _fail_request(self, request: Request, error: str) -> RequestOutput:
         """End one request with an error, freeing its blocks; the engine goes on with the others."""

@@ -3,6 +3,8 @@ sampled tokens (and prompt logprobs where asked)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,7 @@ from pinfer.engine.scheduler import ScheduledSequence
 from pinfer.engine.sequence import Sequence
 from pinfer.model.attention import get_attention_backend
 from pinfer.model.attention.base import AttentionMetadata
+from pinfer.model.batch_invariant import BatchInvariantMode
 from pinfer.sampling.penalties import penalty_bias
 from pinfer.sampling.sampler import Sampler, SamplingBatch
 
@@ -47,6 +50,15 @@ class StepResult:
     prompt_logprobs: list[PromptLogprobs]
 
 
+def _return_freed_memory_to_os() -> None:
+    """glibc keeps freed heap memory below its (adaptive) mmap threshold for reuse:
+    weights freed by sleep stayed resident without this. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -57,8 +69,10 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         attention_backend: str,
+        deterministic: bool = False,
     ):
         self.model, self.config, self.dtype, self.device = model, config, dtype, device
+        self.deterministic = deterministic
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.backend = get_attention_backend(attention_backend)
@@ -68,9 +82,25 @@ class ModelRunner:
     def release_kv_pool(self) -> None:
         """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
         self.kv_caches = []
+        _return_freed_memory_to_os()
 
     def allocate_kv_pool(self) -> None:
         self.kv_caches = self._allocate_kv_pool()
+
+    def release_weights(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Free every parameter's storage (sleep level 2); returns what restore_weights() needs."""
+        shapes = {}
+        for name, param in self.model.named_parameters():  # a tied head is listed once
+            shapes[name] = (param.shape, param.dtype)
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        _return_freed_memory_to_os()
+        return shapes
+
+    def restore_weights(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
+        """Give the parameters storage again (uninitialised: the caller loads weights into it)."""
+        params = dict(self.model.named_parameters())
+        for name, (shape, dtype) in shapes.items():
+            params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
 
     def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
@@ -167,15 +197,32 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSequence]) -> StepResult:
         (input_ids, positions, meta, sample_rows,
          prompt_rows, prompt_targets, prompt_spans) = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
-        sampled: list[SampledToken] = []
-        if sample_rows:
-            seqs = [item.seq for item in batch if item.completes_prefill]
-            logits = self.model.compute_logits(hidden[sample_rows])
-            out = self.sampler(logits, self._sampling_batch(seqs, logits))
-            sampled = self._unpack_samples(seqs, out)
-        prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
+        with BatchInvariantMode() if self.deterministic else contextlib.nullcontext():
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+            sampled: list[SampledToken] = []
+            if sample_rows:
+                seqs = [item.seq for item in batch if item.completes_prefill]
+                logits = self.model.compute_logits(hidden[sample_rows])
+                sampled = self._sample(seqs, logits)
+            prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
         return StepResult(sampled, prompt_results)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampledToken]:
+        if not self.deterministic:
+            return self._unpack_samples(seqs, self.sampler(logits, self._sampling_batch(seqs, logits)))
+        # The sampler sizes its top-k/top-p candidate sets from the whole batch's settings; rows
+        # with the same cut-offs sampled together always see the same sizes (and so the same sums).
+        groups: dict[tuple, list[int]] = {}
+        for row, seq in enumerate(seqs):
+            groups.setdefault((seq.params.top_k, seq.params.top_p, seq.params.min_p), []).append(row)
+        sampled: list[SampledToken | None] = [None] * len(seqs)
+        for rows in groups.values():
+            group_seqs = [seqs[r] for r in rows]
+            group_logits = logits[rows]
+            out = self.sampler(group_logits, self._sampling_batch(group_seqs, group_logits))
+            for row, token in zip(rows, self._unpack_samples(group_seqs, out)):
+                sampled[row] = token
+        return sampled
 
     @staticmethod
     def _unpack_samples(seqs: list[Sequence], out) -> list[SampledToken]:

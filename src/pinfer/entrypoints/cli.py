@@ -27,7 +27,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget per step; longer prompts are prefilled in chunks (default: 2048)")
     group.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
-    group.add_argument("--attention-backend", default="paged", choices=["paged", "blocked", "reference"])
+    group.add_argument("--attention-backend", default=None,
+                       choices=["paged", "blocked", "reference", "batch_invariant"],
+                       help="default: paged, or batch_invariant with --deterministic")
+    group.add_argument("--deterministic", action="store_true",
+                       help="batch-invariant mode: a request's tokens and logprobs do not depend on the rest "
+                            "of the batch (slower)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
 
 
@@ -37,6 +42,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
+        deterministic=args.deterministic,
     )
 
 

@@ -102,8 +102,10 @@ class RolloutEngine:
         """Abort requests; returns their partial outputs (None for unknown ids)."""
         return [self.engine.abort_request(r) for r in request_ids]
 
-    def sleep(self) -> None:
-        self.engine.sleep()
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV pool (level 1) and the weights too (level 2) while the trainer runs."""
+        self.engine.sleep(level)
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, reload_weights: bool = True) -> None:
+        """reload_weights=False after sleep(level=2): the next update_weights() must bring every tensor."""
+        self.engine.wake_up(reload_weights)

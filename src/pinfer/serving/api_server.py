@@ -3,6 +3,12 @@
     POST /v1/completions        POST /v1/chat/completions     (JSON or SSE stream)
     GET  /v1/models             GET  /health                  GET /metrics
 
+RL controls (modelled on vLLM's and SGLang's), run on the engine worker between
+two steps:
+
+    POST /update_weights {"path", "reset_prefix_cache"}   POST /pause {"abort_in_flight"}
+    POST /resume    POST /sleep {"level"}    POST /wake_up {"reload_weights"}    GET /engine_state
+
 A request is validated on the event loop (parameters, tokenization, context
 length) and only then handed to the engine worker, so a bad request never
 reaches the engine. Errors are OpenAI-shaped: `{"error": {"message", "type",
@@ -18,23 +24,28 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
 
 import anyio
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from safetensors import SafetensorError, safe_open
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pinfer.engine.llm_engine import LLMEngine
-from pinfer.errors import InvalidRequestError
+from pinfer.errors import InvalidRequestError, PinferError
 from pinfer.outputs import RequestOutput
 from pinfer.sampling_params import SamplingParams
-from pinfer.serving.async_engine import (AsyncEngine, EngineRequest, RequestFailedError, RequestStream,
-                                         ServerOverloadedError, ServerShuttingDownError)
+from pinfer.serving.async_engine import (AsyncEngine, EngineBusyError, EngineRequest, EngineSleepingError,
+                                         RequestFailedError, RequestStream, ServerOverloadedError,
+                                         ServerShuttingDownError)
 from pinfer.serving.metrics import CONTENT_TYPE, ServerMetrics
-from pinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, chat_logprobs,
+from pinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError, PauseRequest,
+                                     SleepRequest, UpdateWeightsRequest, WakeUpRequest, chat_logprobs,
                                      completion_logprobs, error_body, invalid_request, new_id, now, stop_fields,
                                      usage)
 
@@ -102,7 +113,93 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat_completions(body, request)
 
+    _add_rl_routes(app, async_engine)
     return app
+
+
+# ---- RL controls ------------------------------------------------------------------------
+
+
+def _add_rl_routes(app: FastAPI, async_engine: AsyncEngine) -> None:
+    """Weight updates, pause/resume and sleep/wake_up over HTTP, for a trainer driving the server."""
+
+    @app.post("/update_weights")
+    async def update_weights(body: UpdateWeightsRequest) -> dict[str, Any]:
+        start = time.perf_counter()
+        async_engine.check_can_update_weights()
+        files = await asyncio.to_thread(_safetensors_files, body.path)  # cheap checks before the worker waits
+        try:
+            num_tensors, version = await async_engine.update_weights(lambda: _read_safetensors(files),
+                                                                     body.reset_prefix_cache)
+        except (PinferError, SafetensorError, OSError) as exc:  # bad names/shapes/data: nothing was written
+            raise OpenAIError(400, f"cannot update the weights from {body.path!r}, the engine keeps its "
+                                   f"current weights: {exc}", param="path") from exc
+        seconds = time.perf_counter() - start
+        logger.info("updated %d weight tensors from %s in %.2f s (weight_version %d)", num_tensors, body.path,
+                    seconds, version)
+        return {"weight_version": version, "num_tensors": num_tensors, "seconds": seconds}
+
+    @app.post("/pause")
+    async def pause(body: PauseRequest | None = None) -> dict[str, Any]:
+        await async_engine.pause(abort_in_flight=(body or PauseRequest()).abort_in_flight)
+        return {"paused": True}
+
+    @app.post("/resume")
+    async def resume() -> dict[str, Any]:
+        await async_engine.resume()
+        return {"paused": False}
+
+    @app.post("/sleep")
+    async def sleep(body: SleepRequest | None = None) -> dict[str, Any]:
+        level = (body or SleepRequest()).level
+        if level not in (1, 2):
+            raise OpenAIError(400, f"level must be 1 (free the KV cache) or 2 (the KV cache and the weights), "
+                                   f"got {level}", param="level")
+        await async_engine.sleep(level)
+        return {"sleeping": True, "level": async_engine.sleep_level}
+
+    @app.post("/wake_up")
+    async def wake_up(body: WakeUpRequest | None = None) -> dict[str, Any]:
+        await async_engine.wake_up(reload_weights=(body or WakeUpRequest()).reload_weights)
+        return {"sleeping": False}
+
+    @app.get("/engine_state")
+    async def engine_state() -> dict[str, Any]:
+        s = async_engine.stats()
+        return {"paused": s.paused, "sleeping": s.sleeping, "sleep_level": async_engine.sleep_level,
+                "weight_version": s.weight_version, "num_running": s.num_running, "num_waiting": s.num_waiting,
+                "num_in_flight": async_engine.num_in_flight}
+
+
+def _safetensors_files(path: str) -> list[Path]:
+    """The .safetensors files at `path` (one file, or every one in a folder), headers read; 400 if unusable."""
+    target = Path(path).expanduser()
+    if not target.exists():
+        raise OpenAIError(400, f"path {path!r} does not exist on the server", param="path")
+    if target.is_dir():
+        files = sorted(target.glob("*.safetensors"))
+        if not files:
+            raise OpenAIError(400, f"folder {path!r} has no *.safetensors files", param="path")
+    elif target.suffix == ".safetensors":
+        files = [target]
+    else:
+        raise OpenAIError(400, f"path {path!r} is neither a .safetensors file nor a folder of them", param="path")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise OpenAIError(400, f"cannot read safetensors file {str(file)!r} (corrupt or truncated?): {exc}",
+                              param="path") from exc
+    return files
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every file, read one tensor at a time (runs on the engine worker)."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
 
 
 class OpenAIServing:
@@ -222,6 +319,8 @@ class OpenAIServing:
             raise OpenAIError(503, str(exc), "server_error", code="server_shutting_down") from exc
         except RequestFailedError as exc:
             raise OpenAIError(500, str(exc), "server_error", code="engine_error") from exc
+        except EngineSleepingError as exc:
+            raise OpenAIError(503, str(exc), "server_error", code="engine_sleeping") from exc
 
     def decode_token(self, token: int) -> str:
         return self.engine.tokenizer.decode([token])
@@ -529,6 +628,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerShuttingDownError)
     async def shutting_down(request: Request, exc: ServerShuttingDownError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "server_error", code="server_shutting_down"), status_code=503)
+
+    @app.exception_handler(EngineBusyError)
+    async def engine_busy(request: Request, exc: EngineBusyError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), code="engine_busy"), status_code=409)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:

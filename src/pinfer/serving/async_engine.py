@@ -12,12 +12,19 @@ concurrent HTTP request is therefore a request in the same engine batch
     submit()  --("add", ...)-->        engine.add_request
     RequestStream <--outputs--         engine.step()
     abort()   --("abort", ids)-->      engine.abort_request (blocks freed now)
+    pause() / sleep() / update_weights() ...
+              --("call", fn, future)-> fn(routes) between two steps; result or error -> future
 
 The worker should also be the thread that built the engine: PyTorch's OpenMP
 pool belongs to the thread that first ran an op, and a model loaded on one
 thread and stepped on another ran 1.2-2.4x slower on 2 cores (measured: batch-64
 decode step 310 ms vs 390-760 ms). Pass a factory (`AsyncEngine(lambda:
 LLMEngine(config))`) and the worker builds the engine itself.
+
+RL controls (pause, resume, sleep, wake_up, update_weights) mutate the engine,
+so they run on the worker too, as "call" commands, never during a step. While
+the engine is paused or asleep the worker blocks on its queue instead of calling
+a step() that would return at once (a busy spin).
 
 Failures: a request whose output carries `error` fails alone; if `step()`
 itself raises, every request in flight fails (and is aborted in the engine so
@@ -27,18 +34,23 @@ its blocks are freed) and the worker keeps serving new requests.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch
 
 from pinfer.engine.llm_engine import LLMEngine
 from pinfer.outputs import RequestOutput
 from pinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger("pinfer.serving")
+
+T = TypeVar("T")
 
 
 class ServerOverloadedError(Exception):
@@ -51,6 +63,14 @@ class ServerShuttingDownError(Exception):
 
 class RequestFailedError(Exception):
     """The engine failed while serving this request (HTTP 500)."""
+
+
+class EngineSleepingError(Exception):
+    """The engine is asleep (or still owes weights) and serves no request until woken up (HTTP 503)."""
+
+
+class EngineBusyError(Exception):
+    """An RL control needs an idle (or awake) engine and the engine is not (HTTP 409)."""
 
 
 @dataclass
@@ -76,6 +96,11 @@ class ServerStats:
     num_preemptions: int = 0
     num_free_blocks: int = 0
     num_blocks: int = 0
+    # RL controls
+    paused: bool = False
+    sleeping: bool = False
+    weight_version: int = 0
+    num_weights_pending: int = 0  # after wake_up(reload_weights=False): tensors update_weights still owes
 
 
 class RequestStream:
@@ -160,6 +185,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._draining = False
         self._dead: BaseException | None = None
+        # set on the event loop as soon as sleep() is decided, so no request slips in behind it
+        self._sleep_level: int | None = None
         if not callable(engine):
             self.engine = engine
             self._stats = self._read_engine_stats()
@@ -223,6 +250,7 @@ class AsyncEngine:
             raise ServerShuttingDownError("the server is shutting down and does not accept new requests")
         if not self.is_running:
             raise RequestFailedError(f"the engine worker is not running ({self._dead or 'not started'})")
+        self._check_awake()
         with self._lock:
             waiting = self._num_queued + self._stats.num_waiting
             if waiting >= self.max_waiting:
@@ -235,11 +263,90 @@ class AsyncEngine:
         self._send(("add", requests, stream))
         return stream
 
+    def _check_awake(self) -> None:
+        if self._sleep_level is not None:
+            raise EngineSleepingError(
+                f"the engine is asleep (POST /sleep, level {self._sleep_level}) and serves no requests; "
+                "call POST /wake_up first")
+        with self._lock:
+            pending = self._stats.num_weights_pending
+        if pending:
+            raise EngineSleepingError(
+                f"the engine was woken up without its weights (reload_weights=false) and still needs {pending} "
+                "tensor(s): push them with POST /update_weights first")
+
     def stats(self) -> ServerStats:
         with self._lock:
             stats = ServerStats(**vars(self._stats))
             stats.num_waiting += self._num_queued
         return stats
+
+    # ---- RL controls (event loop; the work runs on the worker between two steps) ----------
+
+    @property
+    def sleep_level(self) -> int | None:
+        """1 or 2 while asleep, None while awake."""
+        return self._sleep_level
+
+    async def update_weights(self, read_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+                             reset_prefix_cache: bool = True) -> tuple[int, int]:
+        """Write the weights `read_weights()` yields (read on the worker, so lazily) into the engine.
+
+        Returns (tensors written, new weight_version). The engine checks every name and shape before
+        it changes anything, so on an error it keeps its old weights."""
+        self.check_can_update_weights()
+
+        def update(routes: dict[str, RequestStream]) -> tuple[int, int]:
+            written = self.engine.update_weights(read_weights(), reset_prefix_cache=reset_prefix_cache)
+            return written, self.engine.weight_version
+
+        return await self._call(update)
+
+    def check_can_update_weights(self) -> None:
+        """Raise EngineBusyError while the weights are released (asleep at level 2): there is nothing to write to."""
+        if self._sleep_level == 2:
+            raise EngineBusyError("the engine's weights were released by sleep level 2: call POST /wake_up "
+                                  '(with {"reload_weights": false} to skip re-reading the checkpoint) first')
+
+    async def pause(self, abort_in_flight: bool = False) -> None:
+        """Stop stepping. In-flight requests wait (or, with abort_in_flight, end now with what they have,
+        finish_reason "abort"); requests submitted later are queued and run after resume()."""
+
+        def pause(routes: dict[str, RequestStream]) -> None:
+            self.engine.pause()
+            if abort_in_flight:
+                self._abort_in_flight(routes)
+
+        await self._call(pause)
+
+    async def resume(self) -> None:
+        await self._call(lambda routes: self.engine.resume())
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free the KV pool (level 1) and the weights (level 2); refuses while requests are in flight."""
+        if self._active:
+            raise EngineBusyError(
+                f"cannot sleep with {len(self._active)} request(s) in flight: wait for them to finish, or "
+                'POST /pause {"abort_in_flight": true} first')
+        previous = self._sleep_level
+        self._sleep_level = max(level, previous or 0)  # from now on submit() refuses
+        try:
+            await self._call(lambda routes: self.engine.sleep(level))
+        except Exception:  # not on cancellation: the worker may be running it; /wake_up clears the flag
+            self._sleep_level = previous
+            raise
+
+    async def wake_up(self, reload_weights: bool = True) -> None:
+        await self._call(lambda routes: self.engine.wake_up(reload_weights=reload_weights))
+        self._sleep_level = None
+
+    async def _call(self, fn: Callable[[dict[str, RequestStream]], T]) -> T:
+        """Run fn(routes) on the worker between two steps; return its result or raise its error."""
+        if not self.is_running:
+            raise RequestFailedError(f"the engine worker is not running ({self._dead or 'not started'})")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("call", fn, future))
+        return await asyncio.wrap_future(future)
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -251,13 +358,20 @@ class AsyncEngine:
     # ---- the worker thread -----------------------------------------------------------
 
     def _read_engine_stats(self) -> ServerStats:
-        s = self.engine.stats()
+        engine = self.engine
+        s = engine.stats()
         return ServerStats(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
             prefix_cache_hit_rate=s.prefix_cache_hit_rate, num_prompt_tokens=s.num_prompt_tokens,
             num_generated_tokens=s.num_generated_tokens, num_preemptions=s.num_preemptions,
             num_free_blocks=s.num_free_blocks, num_blocks=s.num_blocks,
+            paused=engine.paused, sleeping=engine.sleeping, weight_version=engine.weight_version,
+            num_weights_pending=engine.num_weights_pending,
         )
+
+    def _can_step(self) -> bool:
+        engine = self.engine
+        return engine.has_unfinished_requests() and not engine.paused and not engine.sleeping
 
     def _run_worker(self, make_engine: Callable[[], LLMEngine] | None = None, built: threading.Event | None = None,
                     failure: list[BaseException] | None = None) -> None:
@@ -287,6 +401,9 @@ class AsyncEngine:
                 command = self._commands.get()
                 if command[0] == "add":
                     self._deliver([(command[2], error)])
+                elif command[0] == "call":
+                    if command[2].set_running_or_notify_cancel():
+                        command[2].set_exception(error)
                 elif command[0] == "stop":
                     return
 
@@ -296,7 +413,8 @@ class AsyncEngine:
             deliveries: list[tuple[RequestStream, object]] = []
             stop = False
             num_added = 0
-            commands = self._take_commands(block=not engine.has_unfinished_requests())
+            # paused or asleep, step() would return at once: wait for a command instead of spinning
+            commands = self._take_commands(block=not self._can_step())
             for command in commands:
                 kind = command[0]
                 if kind == "add":
@@ -314,6 +432,12 @@ class AsyncEngine:
                     for request_id in command[1]:
                         routes.pop(request_id, None)
                         engine.abort_request(request_id)
+                elif kind == "call":
+                    # the call publishes stats: hand over the queued count of the adds so far first,
+                    # or /engine_state would count them twice
+                    self._publish_stats(num_added)
+                    num_added = 0
+                    self._run_call(command[1], command[2], routes)
                 elif kind == "stop":
                     stop = True
             if commands:
@@ -327,10 +451,35 @@ class AsyncEngine:
                 self._deliver(deliveries)
                 self._publish_stats(0)
                 return
-            if engine.has_unfinished_requests():
+            if self._can_step():
                 deliveries.extend(self._step(routes))
                 self._publish_stats(0)
             self._deliver(deliveries)
+
+    def _run_call(self, fn: Callable[[dict[str, RequestStream]], Any], future: concurrent.futures.Future,
+                  routes: dict[str, RequestStream]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up before it ran
+        try:
+            result = fn(routes)
+        except BaseException as exc:
+            self._publish_stats(0)
+            future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._publish_stats(0)  # before the caller hears back, so /engine_state shows the new state
+            future.set_result(result)
+
+    def _abort_in_flight(self, routes: dict[str, RequestStream]) -> None:
+        """End every request in the engine now; each stream gets its partial output (finish_reason "abort")."""
+        deliveries: list[tuple[RequestStream, object]] = []
+        for request_id, stream in routes.items():
+            output = self.engine.abort_request(request_id)
+            if output is not None:
+                deliveries.append((stream, output))
+        routes.clear()
+        self._deliver(deliveries)
 
     def _step(self, routes: dict[str, RequestStream]) -> list[tuple[RequestStream, object]]:
         engine = self.engine

@@ -47,6 +47,10 @@ class _EngineCollector:
              s.prefix_cache_hit_rate),
             ("pinfer:kv_cache_free_blocks", "KV blocks not held by any live sequence.", s.num_free_blocks),
             ("pinfer:kv_cache_total_blocks", "KV blocks in the pool.", s.num_blocks),
+            ("pinfer:weight_version", "Weight updates applied since start (POST /update_weights).",
+             s.weight_version),
+            ("pinfer:engine_paused", "1 while the engine is paused (POST /pause), else 0.", int(s.paused)),
+            ("pinfer:engine_sleeping", "1 while the engine is asleep (POST /sleep), else 0.", int(s.sleeping)),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

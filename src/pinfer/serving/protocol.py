@@ -231,6 +231,31 @@ class ChatCompletionRequest(_SamplingRequest):
         return messages
 
 
+# ---- RL control requests ------------------------------------------------------------------
+
+
+class _ControlRequest(BaseModel):
+    # unlike the OpenAI bodies, a misspelt field is an error: silently ignoring "abort_inflight" would not abort
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpdateWeightsRequest(_ControlRequest):
+    path: str  # a .safetensors file or a folder of them, Hugging Face tensor names, readable by the server
+    reset_prefix_cache: bool = True
+
+
+class PauseRequest(_ControlRequest):
+    abort_in_flight: bool = False
+
+
+class SleepRequest(_ControlRequest):
+    level: int = 1  # 1: free the KV cache; 2: also the weights
+
+
+class WakeUpRequest(_ControlRequest):
+    reload_weights: bool = True  # after level 2: re-read the checkpoint (false: /update_weights will push them)
+
+
 # SamplingParams fields and request fields an InvalidRequestError message may start with
 _PARAM_NAMES = set(SamplingParams.__dataclass_fields__) | {"prompt", "messages", "stop_token_ids"}
 

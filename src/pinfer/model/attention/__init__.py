@@ -3,11 +3,13 @@
 - "reference": per sequence, full score matrix in float32. For reading and testing.
 - "blocked": online softmax over KV pages; shows how blocked attention bounds memory.
 - "paged": batched decode + SDPA prefill straight from the paged pool. The default.
+- "batch_invariant": fixed-split per-token attention, for deterministic mode.
 """
 
 from __future__ import annotations
 
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_kv
+from pinfer.model.attention.batch_invariant import BatchInvariantAttention
 from pinfer.model.attention.blocked import BlockedAttention
 from pinfer.model.attention.paged import PagedAttention
 from pinfer.model.attention.reference import ReferenceAttention
@@ -16,6 +18,7 @@ ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
     "reference": ReferenceAttention,
     "blocked": BlockedAttention,
     "paged": PagedAttention,
+    "batch_invariant": BatchInvariantAttention,
 }
 DEFAULT_ATTENTION_BACKEND = "paged"
 
@@ -32,6 +35,7 @@ __all__ = [
     "DEFAULT_ATTENTION_BACKEND",
     "AttentionBackend",
     "AttentionMetadata",
+    "BatchInvariantAttention",
     "BlockedAttention",
     "PagedAttention",
     "ReferenceAttention",
