@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from pinfer.errors import PinferError
+from pinfer.errors import PinferError, UnsupportedArchitectureError
 
 
 @dataclass
 class RopeConfig:
     theta: float = 10000.0
-    type: str = "default"  # default | linear | llama3 | yarn
+    type: str = "default"  # default | linear | llama3 | yarn | dynamic
     factor: float = 1.0
     # llama3 and yarn
     original_max_position_embeddings: int | None = None
@@ -24,6 +24,8 @@ class RopeConfig:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    # Phi-3 / Phi-4-mini: RoPE rotates only the first head_dim * factor dims of each head.
+    partial_rotary_factor: float = 1.0
 
 
 @dataclass
@@ -43,9 +45,30 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
     sliding_window: int | None = None  # Mistral v0.1: attend to the last N tokens only
+    # Gemma 3: per-layer sliding (local) / full (global) attention, the local layers' RoPE,
+    # the attention scale's denominator and tanh soft-capping.
+    layer_types: list[str] | None = None  # "sliding_attention" | "full_attention" per layer
+    sliding_window_pattern: int | None = None  # older configs: every Nth layer is global
+    rope_local: RopeConfig | None = None  # rope of sliding layers (rope_local_base_freq)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     hidden_act: str = "silu"
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral); num_experts == 0: dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # every Nth layer is sparse ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... except these, which stay dense
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        # Same rule as transformers' Qwen2-MoE / Qwen3-MoE decoder layers.
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -58,6 +81,8 @@ class ModelConfig:
         sliding_window = hf.get("sliding_window")
         if hf.get("use_sliding_window") is False:
             sliding_window = None
+        if architectures[0].startswith("Qwen"):
+            sliding_window = _qwen_sliding_window(hf)
         return cls(
             architecture=architectures[0],
             vocab_size=hf["vocab_size"],
@@ -68,24 +93,90 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=_context_length(hf),
             rope=_rope_config(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=bool(hf.get("attention_bias")) or architectures[0].startswith("Qwen2"),
             qk_norm=architectures[0].startswith("Qwen3"),
+            layer_types=hf.get("layer_types"),
+            sliding_window_pattern=hf.get("sliding_window_pattern"),
+            rope_local=_local_rope_config(hf),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            attn_logit_softcapping=hf.get("attn_logit_softcapping"),
             sliding_window=sliding_window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            hidden_act=hf.get("hidden_act", "silu"),
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),  # Gemma: hidden_activation
+            **_moe_fields(hf, architectures[0]),
         )
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+def _context_length(hf: dict[str, Any]) -> int:
+    length = hf.get("max_position_embeddings", 2048)
+    rope = _rope_config(hf)
+    if rope.type == "dynamic":  # dynamic NTK exists to extend the context by `factor` (vLLM does the same)
+        length = int(length * rope.factor)
+    return length
+
+
+def _qwen_sliding_window(hf: dict[str, Any]) -> int | None:
+    """Qwen2/Qwen3 window every layer from max_window_layers on, and only with use_sliding_window
+    (off by default, whatever sliding_window says). The Llama code path applies one window to all
+    layers, so a model that windows only some of them is refused rather than computed wrongly."""
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return None
+    num_layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(num_layers)
+    ]
+    windowed = sum(t == "sliding_attention" for t in layer_types)
+    if windowed == 0:
+        return None
+    if windowed < len(layer_types):
+        raise UnsupportedArchitectureError(
+            f"{hf['architectures'][0]} with sliding-window attention on {windowed} of {len(layer_types)} layers "
+            "(use_sliding_window with max_window_layers / layer_types) is not supported; only all or no layers"
+        )
+    return hf["sliding_window"]
+
+
+def _moe_fields(hf: dict[str, Any], architecture: str) -> dict[str, Any]:
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if not num_experts:
+        return {}
+    mixtral = architecture.startswith("Mixtral")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        # Mixtral's experts use intermediate_size (all its layers are sparse).
+        moe_intermediate_size=hf.get("moe_intermediate_size") or hf["intermediate_size"],
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+        norm_topk_prob=True if mixtral else bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=hf.get("decoder_sparse_step") or 1,
+        mlp_only_layers=list(hf.get("mlp_only_layers") or []),
+    )
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+def _local_rope_config(hf: dict[str, Any]) -> RopeConfig | None:
+    """Gemma 3's sliding layers: their own base (rope_local_base_freq), no scaling."""
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params.get("sliding_attention"), dict):
+        local = params["sliding_attention"]
+        return _rope_config({"rope_parameters": local, "rope_theta": hf.get("rope_local_base_freq", 10000.0)})
+    if "rope_local_base_freq" in hf:
+        return RopeConfig(theta=float(hf["rope_local_base_freq"]))
+    return None
 
 
 def _rope_config(hf: dict[str, Any]) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older configs use rope_theta + rope_scaling.
     params = dict(hf.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):  # Gemma 3: one entry per layer type
+        params = dict(params["full_attention"])
     scaling = dict(hf.get("rope_scaling") or {})
     params = {**scaling, **params}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -98,12 +189,15 @@ def _rope_config(hf: dict[str, Any]) -> RopeConfig:
         theta=float(theta),
         type=rope_type,
         factor=float(params.get("factor", 1.0)),
-        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        # dynamic NTK scales relative to the config's max_position_embeddings (as transformers does)
+        original_max_position_embeddings=hf.get("max_position_embeddings") if rope_type == "dynamic"
+        else params.get("original_max_position_embeddings"),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         beta_fast=float(params.get("beta_fast", 32.0)),
         beta_slow=float(params.get("beta_slow", 1.0)),
         attention_factor=params.get("attention_factor"),
+        partial_rotary_factor=float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)),
     )
 
 

@@ -134,3 +134,43 @@ def test_reset_prefix_cache_forgets_contents():
     bm.free(a)
     bm.reset_prefix_cache()
     assert bm.match_prefix(make_seq(1, list(range(9)))) == []
+
+
+def test_sliding_window_returns_blocks_behind_every_window():
+    """Window 8, blocks of 4: once the next token's window starts past a block, the block goes back."""
+    bm = BlockManager(num_blocks=8, block_size=BS, sliding_window=8)
+    seq = make_seq(0, list(range(10)))
+    admit(bm, seq)  # positions 0..9 computed: 3 blocks, the next token (10) sees keys 3..10
+    assert len(seq.block_table) == 3 and seq.num_released_blocks == 0
+    live = []
+    for token in range(10, 30):
+        seq.token_ids.append(token)
+        assert bm.allocate_slots(seq, 1)
+        # the token at position p reads keys p-7..p: blocks before (p-7)//4 are free
+        p = seq.num_computed_tokens
+        assert seq.num_released_blocks == max(0, p - 7) // BS
+        assert all(bm.blocks[b].ref_count == 0 for b in seq.block_table[: seq.num_released_blocks])
+        assert all(bm.blocks[b].ref_count == 1 for b in seq.block_table[seq.num_released_blocks :])
+        live.append(len(seq.block_table) - seq.num_released_blocks)
+        seq.num_computed_tokens += 1
+    assert max(live) == 3  # 8 keys + the new one never span more than 3 blocks of 4
+    assert len(seq.block_table) == 8  # 30 positions, though the pool of 8 also holds free blocks
+    bm.free(seq)
+    assert bm.num_free_blocks == 8 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_released_window_blocks_stay_in_the_prefix_cache():
+    bm = BlockManager(num_blocks=16, block_size=BS, sliding_window=4)
+    first = make_seq(0, list(range(17)))
+    admit(bm, first)
+    first.token_ids.append(99)
+    assert bm.allocate_slots(first, 1)  # position 17 reads 14..17: blocks 0..2 go back, cached
+    assert first.num_released_blocks == 3
+    second = make_seq(1, list(range(17)) + [5])
+    hits = bm.match_prefix(second)
+    assert [b.block_id for b in hits] == first.block_table[:4]  # the whole chain, released blocks too
+    bm.allocate_prefix(second, hits)
+    assert bm.allocate_slots(second, second.num_tokens - second.num_computed_tokens)
+    bm.free(first)
+    bm.free(second)
+    assert bm.num_free_blocks == 16 and all(b.ref_count == 0 for b in bm.blocks)

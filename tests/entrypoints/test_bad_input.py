@@ -12,7 +12,7 @@ from pinfer.errors import InvalidRequestError, ModelLoadError, ModelNotFoundErro
 
 
 def test_unknown_model_says_what_is_accepted():
-    with pytest.raises(ModelNotFoundError, match=r"unknown model 'no-such-model'.*Accepted: an alias \(smollm2-135m\)"):
+    with pytest.raises(ModelNotFoundError, match=r"unknown model 'no-such-model'.*Accepted: an alias \(gemma3-270m, smollm2-135m\)"):
         LLM("no-such-model")
 
 

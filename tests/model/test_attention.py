@@ -1,6 +1,7 @@
 """Every attention backend matches an independent float64 attention on ragged
 paged batches: prefill, cached prefix, chunked prefill, decode, and mixes of them,
-with GQA, shuffled block tables and block sizes that don't divide the lengths."""
+with GQA, shuffled block tables and block sizes that don't divide the lengths,
+with full causal attention and with sliding windows."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ BACKEND_VARIANTS = {name: cls for name, cls in ATTENTION_BACKENDS.items()}
 # The paged backend's two prefill strategies are both exercised, whatever "auto" picks.
 BACKEND_VARIANTS["paged-loop"] = lambda: PagedAttention(prefill_mode="loop")
 BACKEND_VARIANTS["paged-padded"] = lambda: PagedAttention(prefill_mode="padded")
+# Sliding windows smaller than most contexts above: 1 (itself only), less than a page, odd.
+WINDOWS = [1, 5, 37]
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -98,8 +101,9 @@ def make_batch(seqs: list[tuple[int, int]], block_size: int, dtype: torch.dtype,
     return Batch(query, keys, values, k_cache, v_cache, build_metadata(seqs, block_tables, block_size))
 
 
-def naive_attention(batch: Batch, scale: float = SCALE) -> torch.Tensor:
-    """Float64, per sequence, K/V repeated to every query head, full causal softmax."""
+def naive_attention(batch: Batch, scale: float = SCALE, sliding_window: int | None = None) -> torch.Tensor:
+    """Float64, per sequence, K/V repeated to every query head, causal softmax
+    (over the last sliding_window keys only, if given)."""
     group = NUM_HEADS // NUM_KV_HEADS
     outs = []
     start = 0
@@ -109,7 +113,10 @@ def naive_attention(batch: Batch, scale: float = SCALE) -> torch.Tensor:
         v = v.double().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         for j in range(query_len):
-            scores[:, j, context_len - query_len + j + 1 :] = float("-inf")
+            position = context_len - query_len + j
+            scores[:, j, position + 1 :] = float("-inf")
+            if sliding_window is not None:
+                scores[:, j, : max(0, position - sliding_window + 1)] = float("-inf")
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v))
         start += query_len
     return torch.cat(outs)
@@ -126,6 +133,38 @@ def test_backend_matches_naive_attention(backend: str, case: str, block_size: in
     torch.testing.assert_close(out.double(), naive_attention(batch), **TOLERANCE[dtype])
 
 
+# float32 only: masking does not depend on the dtype, which the full-attention test covers.
+@pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("case", list(BATCHES))
+@pytest.mark.parametrize("backend", list(BACKEND_VARIANTS))
+def test_backend_matches_naive_attention_with_sliding_window(
+    backend: str, case: str, window: int, block_size: int, dtype: torch.dtype
+) -> None:
+    batch = make_batch(BATCHES[case], block_size, dtype)
+    out = BACKEND_VARIANTS[backend]().forward(
+        batch.query, batch.k_cache, batch.v_cache, batch.meta, SCALE, sliding_window=window
+    )
+    assert out.shape == batch.query.shape and out.dtype == dtype
+    expected = naive_attention(batch, sliding_window=window)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+    if dtype == torch.float32 and window < max(BATCHES[case])[0]:
+        # The window really changes the result (so the comparison above can fail).
+        assert not torch.allclose(out.double(), naive_attention(batch), atol=1e-3)
+
+
+def test_naive_window_hides_exactly_the_old_keys() -> None:
+    """The float64 reference itself: a key W positions back is hidden, W - 1 back is visible.
+    Setting the values of hidden keys to garbage must not change the output."""
+    batch = make_batch([(20, 1)], block_size=16, dtype=torch.float32, seed=5)
+    out = naive_attention(batch, sliding_window=4)  # the query at position 19 sees keys 16..19
+    batch.values[0][:16] = 1e6
+    torch.testing.assert_close(naive_attention(batch, sliding_window=4), out)
+    batch.values[0][16] = 1e6
+    assert not torch.allclose(naive_attention(batch, sliding_window=4), out)
+
+
 @pytest.mark.parametrize("backend", list(BACKEND_VARIANTS))
 def test_backend_matches_sdpa_on_one_prompt(backend: str) -> None:
     """Sanity check against torch itself: one prompt, no prefix, plain causal SDPA."""
@@ -138,16 +177,21 @@ def test_backend_matches_sdpa_on_one_prompt(backend: str) -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 37], ids=["full", "window37"])
 @pytest.mark.parametrize("backend", list(BACKEND_VARIANTS))
-def test_large_decode_batch(backend: str) -> None:
-    """A serving-sized decode batch: 64 sequences with contexts of 100-300 tokens."""
+def test_large_decode_batch(backend: str, window: int | None) -> None:
+    """A serving-sized decode batch: 64 sequences with contexts of 100-300 tokens
+    (with a window, the paged backend gathers only the pages the window touches)."""
     lens = torch.randint(100, 300, (64,), generator=torch.Generator().manual_seed(2)).tolist()
     batch = make_batch([(n, 1) for n in lens], block_size=16, dtype=torch.float32, seed=2)
-    out = BACKEND_VARIANTS[backend]().forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, SCALE)
-    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+    out = BACKEND_VARIANTS[backend]().forward(
+        batch.query, batch.k_cache, batch.v_cache, batch.meta, SCALE, sliding_window=window
+    )
+    torch.testing.assert_close(out.double(), naive_attention(batch, sliding_window=window), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_equals_last_row_of_prefill() -> None:
+@pytest.mark.parametrize("window", [None, 7], ids=["full", "window7"])
+def test_decode_equals_last_row_of_prefill(window: int | None) -> None:
     """Decoding token L against a cached context gives what a full prefill gives for its last row."""
     full = make_batch([(29, 29)], block_size=5, dtype=torch.float32, seed=3)
     last = Batch(
@@ -160,8 +204,8 @@ def test_decode_equals_last_row_of_prefill() -> None:
     )
     for name in ATTENTION_BACKENDS:
         backend = get_attention_backend(name)
-        prefill = backend.forward(full.query, full.k_cache, full.v_cache, full.meta, SCALE)
-        decode = backend.forward(last.query, last.k_cache, last.v_cache, last.meta, SCALE)
+        prefill = backend.forward(full.query, full.k_cache, full.v_cache, full.meta, SCALE, sliding_window=window)
+        decode = backend.forward(last.query, last.k_cache, last.v_cache, last.meta, SCALE, sliding_window=window)
         torch.testing.assert_close(decode, prefill[-1:], atol=1e-5, rtol=1e-5)
 
 
@@ -201,22 +245,26 @@ def test_padded_prefill_only_for_short_similar_prompts() -> None:
     assert not use_padded_prefill([200, 10, 10, 10], [200, 10, 10, 10])  # mostly padding
 
 
-def test_batch_invariant_rows_do_not_depend_on_the_batch() -> None:
-    """A token's output is bitwise the same alone, in a mixed batch, as a chunk or as a decode step."""
+@pytest.mark.parametrize("window", [None, 5, 37], ids=["full", "window5", "window37"])
+def test_batch_invariant_rows_do_not_depend_on_the_batch(window: int | None) -> None:
+    """A token's output is bitwise the same alone, in a mixed batch, as a chunk or as a decode step
+    (with a window too: then the first splits of a long context are fully masked, or skipped)."""
     backend = get_attention_backend("batch_invariant")
     mixed = make_batch(BATCHES["mixed"], block_size=16, dtype=torch.float32, seed=3)
-    full = backend.forward(mixed.query, mixed.k_cache, mixed.v_cache, mixed.meta, SCALE)
+    full = backend.forward(mixed.query, mixed.k_cache, mixed.v_cache, mixed.meta, SCALE, sliding_window=window)
+    assert torch.isfinite(full).all()
     starts = mixed.meta.query_start_loc.tolist()
     for i, (context_len, query_len) in enumerate(BATCHES["mixed"]):
         # Sequence i alone, then each of its tokens as a one-token step over the same pages.
         rows = slice(starts[i], starts[i + 1])
         alone = build_metadata([(context_len, query_len)], [mixed.meta.block_tables[i].tolist()], 16)
-        out = backend.forward(mixed.query[rows], mixed.k_cache, mixed.v_cache, alone, SCALE)
+        out = backend.forward(mixed.query[rows], mixed.k_cache, mixed.v_cache, alone, SCALE, sliding_window=window)
         assert torch.equal(out, full[rows])
         for j in range(query_len):
             one = build_metadata([(context_len - query_len + j + 1, 1)], [mixed.meta.block_tables[i].tolist()], 16)
             token = mixed.query[starts[i] + j : starts[i] + j + 1]
-            assert torch.equal(backend.forward(token, mixed.k_cache, mixed.v_cache, one, SCALE), full[starts[i] + j][None])
+            out = backend.forward(token, mixed.k_cache, mixed.v_cache, one, SCALE, sliding_window=window)
+            assert torch.equal(out, full[starts[i] + j][None])
 
 
 def test_registry() -> None:

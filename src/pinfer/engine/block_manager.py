@@ -10,6 +10,13 @@ on a hit the stored token ids are compared too, so a hash collision can never
 serve wrong K/V. A block whose ref count drops to 0 keeps its contents and its
 hash: it is "cached but unused" and sits in the free list, least recently
 freed first, so allocation evicts in LRU order.
+
+Sliding window (every layer attends to the last W tokens only, as in Mistral):
+a running sequence's leading blocks that lie wholly before the window of the
+next token it computes are never read again, so they go back to the pool while
+it runs (keeping their prefix-cache entry). Their block-table entries stay as
+stale ids: attention masks those positions, so reading whatever a stale block
+now holds changes nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # set only when *every* layer has this window
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in LRU order (oldest first). Values unused; OrderedDict gives O(1) removal on a cache hit.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -128,6 +137,7 @@ class BlockManager:
 
         Returns False (allocating nothing) when the pool is short.
         """
+        self._release_out_of_window(seq)
         total_blocks = seq.num_blocks_needed(seq.num_computed_tokens + num_new_tokens, self.block_size)
         missing = total_blocks - len(seq.block_table)
         if missing > self.num_free_blocks:
@@ -153,19 +163,31 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block[h] = block.block_id
 
+    def _release_out_of_window(self, seq: Sequence) -> None:
+        if self.sliding_window is None:
+            return
+        # The next token computed sits at position num_computed_tokens and sees keys > position - W.
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        num_out = min(max(0, first_needed) // self.block_size, len(seq.block_table))
+        for block_id in seq.block_table[seq.num_released_blocks : num_out]:
+            self._unref(block_id)
+        seq.num_released_blocks = max(seq.num_released_blocks, num_out)
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None  # most recently used end
+            if block.hash is None:
+                self.free_blocks.move_to_end(block_id, last=False)  # no cached content: reuse first
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks; tail blocks first so shared prefixes stay cached longest."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            assert block.ref_count > 0, f"double free of block {block_id}"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free_blocks[block_id] = None
-                    self.free_blocks.move_to_end(block_id, last=False)  # no cached content: reuse first
-                else:
-                    self.free_blocks[block_id] = None  # most recently used end
+        for block_id in reversed(seq.block_table[seq.num_released_blocks :]):
+            self._unref(block_id)
         seq.block_table.clear()
+        seq.num_released_blocks = 0
         seq.num_computed_tokens = 0
         self.seq_block_hashes.pop(seq.seq_id, None)
 

@@ -79,7 +79,8 @@ class LLMEngine:
             )
         self.runner = ModelRunner(model, self.model_config, self.dtype, self.device,
                                   config.block_size, num_blocks, config.attention_backend, config.deterministic)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          sliding_window=model.shared_sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -98,9 +99,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
 
     def _max_model_len(self) -> int:
+        # A sliding window does not limit the context: the attention backends apply it.
         limit = self.model_config.max_position_embeddings
-        if self.model_config.sliding_window:  # no sliding-window attention yet: stay inside the window
-            limit = min(limit, self.model_config.sliding_window)
         if self.config.max_model_len is not None:
             if self.config.max_model_len > limit:
                 raise PinferError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit} tokens")

@@ -30,6 +30,8 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of those, how many came from the prefix cache on admission
     block_table: list[int] = field(default_factory=list)
+    # Leading block-table entries already returned to the pool (out of a sliding window; stale ids).
+    num_released_blocks: int = 0
     num_preemptions: int = 0
     # outputs
     text: str = ""

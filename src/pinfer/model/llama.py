@@ -20,6 +20,7 @@ from pinfer.errors import ModelLoadError
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_kv
 from pinfer.model.layers.norm import RMSNorm
 from pinfer.model.layers.rotary import RotaryEmbedding
+from pinfer.model.moe import SparseMoeBlock
 
 
 class Attention(nn.Module):
@@ -29,6 +30,7 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window  # Mistral: every layer attends to the last W tokens
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -52,18 +54,19 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = backend.forward(q, k_cache, v_cache, meta, self.scale)
+        out = backend.forward(q, k_cache, v_cache, meta, self.scale, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # intermediate_size: Qwen2-MoE's shared expert has its own width.
+        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -71,12 +74,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        # MoE models may interleave dense layers (decoder_sparse_step, mlp_only_layers).
+        self.mlp = SparseMoeBlock(config, MLP) if config.is_moe_layer(layer_idx) else MLP(config)
 
     def forward(self, hidden, positions, kv_cache, meta, backend) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, meta, backend)
@@ -90,7 +94,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # One rotary table shared by all layers (not a parameter, not per layer).
         rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, i) for i in range(config.num_layers))
+        # The window every layer shares (Mistral), if any: KV blocks before it can be freed early.
+        self.shared_sliding_window = config.sliding_window
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
@@ -132,13 +138,14 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for found, tensor in targets:
             if found is not None:
-                key, dest = found
+                keys, dest = found
                 dest.copy_(tensor)
-                loaded.add(key)
+                loaded |= keys
         return loaded
 
-    def _destination(self, params: dict, hf_name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
-        """The slice of a parameter an HF-named tensor goes to (None: not stored, e.g. a tied head)."""
+    def _destination(self, params: dict, hf_name: str, tensor: torch.Tensor) -> tuple[set[str], torch.Tensor] | None:
+        """The slice of a parameter an HF-named tensor goes to, and the keys it covers
+        (None: not stored, e.g. a tied head)."""
         target = self._map_hf_name(hf_name)
         if target is None:
             return None
@@ -147,24 +154,32 @@ class LlamaForCausalLM(nn.Module):
             raise ModelLoadError(f"checkpoint tensor {hf_name!r} has no place in {self.config.architecture}")
         param = params[name]
         dest = param.data if offset is None else param.data.narrow(0, offset, tensor.shape[0])
+        if tensor.dim() == 3 and dest.dim() == 2 and dest.shape[0] % tensor.shape[0] == 0:
+            # Experts fused as [E, rows, cols] (transformers 5 in memory): our [E * rows, cols].
+            dest = dest.view(tensor.shape[0], -1, dest.shape[1])
         if dest.shape != tensor.shape:
             raise ModelLoadError(
                 f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
             )
-        return f"{name}@{offset}", dest
+        # A whole-parameter write (e.g. Phi-3's fused qkv_proj, fused experts) covers all its parts.
+        keys = self._part_keys(name) if offset is None else {f"{name}@{offset}"}
+        return keys, dest
 
     def expected_weight_keys(self) -> set[str]:
         """The `name@offset` keys load_weights must have written for a complete checkpoint."""
-        keys = set()
-        for name, _ in self.named_parameters():
-            for hf_name in self._hf_names_for(name):
-                mapped = self._map_hf_name(hf_name)
-                keys.add(f"{mapped[0]}@{mapped[1]}")
-        return keys
+        return {key for name, _ in self.named_parameters() for key in self._part_keys(name)}
+
+    def _part_keys(self, name: str) -> set[str]:
+        """Keys of the per-tensor parts (in HF's unfused naming) that make up our parameter `name`."""
+        return {"{}@{}".format(*self._map_hf_name(hf_name)) for hf_name in self._hf_names_for(name)}
 
     def _qkv_offsets(self) -> dict[str, int]:
         attn = self.layers[0].self_attn
         return {"q_proj": 0, "k_proj": attn.q_size, "v_proj": attn.q_size + attn.kv_size}
+
+    # Mixtral's names -> the Qwen-style names the rest of the mapping uses.
+    _MIXTRAL_RENAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                        (".w2.", ".down_proj."))
 
     def _map_hf_name(self, hf_name: str) -> tuple[str, int | None] | None:
         """HF name -> (our parameter name, row offset into a fused parameter or None)."""
@@ -173,13 +188,28 @@ class LlamaForCausalLM(nn.Module):
         name = hf_name.removeprefix("model.")
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return None  # tied: the embedding is the head
-        match = re.fullmatch(r"(layers\.\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)", name)
+        if ".block_sparse_moe." in name:
+            for old, new in self._MIXTRAL_RENAMES:
+                name = name.replace(old, new)
+        match = re.fullmatch(r"(layers\.\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)", name)
         if match:
-            layer, block, proj, kind = match.groups()
-            if block == "self_attn":
-                return f"{layer}.self_attn.qkv_proj.{kind}", self._qkv_offsets()[proj]
-            offset = 0 if proj == "gate_proj" else self.config.intermediate_size
-            return f"{layer}.mlp.gate_up_proj.{kind}", offset
+            layer, proj, kind = match.groups()
+            return f"{layer}.self_attn.qkv_proj.{kind}", self._qkv_offsets()[proj]
+        # Dense MLP or Qwen2-MoE's shared expert: gate/up fused into one parameter.
+        match = re.fullmatch(r"(layers\.\d+\.mlp(?:\.shared_expert)?)\.(gate_proj|up_proj)\.weight", name)
+        if match:
+            prefix, proj = match.groups()
+            width = self.config.shared_expert_intermediate_size if prefix.endswith("shared_expert") \
+                else self.config.intermediate_size
+            return f"{prefix}.gate_up_proj.weight", 0 if proj == "gate_proj" else width
+        # One expert's tensor: a row slice of the stacked expert parameters (see moe.py).
+        match = re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if match:
+            prefix, expert, proj = match.groups()
+            e, inter, hidden = int(expert), self.config.moe_intermediate_size, self.config.hidden_size
+            if proj == "down_proj":
+                return f"{prefix}.down_proj", e * hidden
+            return f"{prefix}.gate_up_proj", 2 * inter * e + (0 if proj == "gate_proj" else inter)
         return name, None
 
     def _hf_names_for(self, name: str) -> list[str]:
@@ -190,6 +220,10 @@ class LlamaForCausalLM(nn.Module):
         if name.endswith("gate_up_proj.weight"):
             base = name.removesuffix("gate_up_proj.weight")
             return [f"model.{base}gate_proj.weight", f"model.{base}up_proj.weight"]
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            base, proj = name.rsplit(".", 1)
+            projs = ("down_proj",) if proj == "down_proj" else ("gate_proj", "up_proj")
+            return [f"model.{base}.{e}.{p}.weight" for e in range(self.config.num_experts) for p in projs]
         if name == "lm_head.weight":
             return [name]
         return [f"model.{name}"]

@@ -10,6 +10,11 @@ context, cached prefix included, from the pool.
 
 Causality: the j-th new token of sequence i sits at position
 context_lens[i] - query_lens[i] + j and attends to kv positions <= its own.
+
+Sliding window (Mistral, Gemma 3's local layers): with sliding_window = W, a
+query at position p attends only to key positions k with p - W < k <= p, i.e.
+itself and the W - 1 keys before it (transformers' convention). None: full
+causal attention.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,  # W: attend to keys p - W < k <= p only
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         raise NotImplementedError
 

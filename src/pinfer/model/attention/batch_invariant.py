@@ -14,6 +14,13 @@ past it is an exact no-op (scale by exp(0) = 1, add 0), so the number of
 iterations (set by the longest context in the step) does not leak into any
 token's result.
 
+With a sliding window, splits wholly *before* a token's window are masked too.
+The running max starts at a finite sentinel (float32 min) rather than -inf, so
+folding such a split is also an exact no-op (exp(0) = 1 times a zero sum, plus
+exp(-inf) = 0), where -inf - -inf would give nan. The state after any number of
+leading masked splits is exactly the initial state, so leading splits that are
+before every token's window can be skipped without changing any result.
+
 Cost: one gather and two small batched matmuls per split per layer, for every
 token; prefill pays per token for its whole context. Much slower than "paged"
 for long prompts; meant for RL rollouts, where reproducibility is worth it.
@@ -40,6 +47,7 @@ class BatchInvariantAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -53,24 +61,34 @@ class BatchInvariantAttention(AttentionBackend):
         pages_per_split = max(1, SPLIT_TOKENS // block_size)
         split = pages_per_split * block_size
         num_splits = -(-meta.max_context_len // split)
+        first_split = 0
+        if sliding_window is not None:
+            first_visible = min(c - n for c, n in zip(meta.context_lens_cpu, meta.query_lens_cpu)) - sliding_window + 1
+            first_split = max(0, first_visible) // split
         pages = meta.block_tables[seq, : num_splits * pages_per_split]  # [N, P], padded with page 0 (masked)
         if pages.shape[1] < num_splits * pages_per_split:
             pages = F.pad(pages, (0, num_splits * pages_per_split - pages.shape[1]))
 
         q = query.float().view(num_tokens, num_kv_heads, group, head_dim) * scale
-        running_max = q.new_full((num_tokens, num_kv_heads, group), float("-inf"))
+        # Finite sentinel, not -inf: see the module docstring.
+        running_max = q.new_full((num_tokens, num_kv_heads, group), torch.finfo(torch.float32).min)
         denominator = q.new_zeros((num_tokens, num_kv_heads, group))
         acc = q.new_zeros((num_tokens, num_kv_heads, group, head_dim))
         offsets = torch.arange(split, device=device)
         kv_shape = (num_tokens, split, num_kv_heads, head_dim)
-        for i in range(num_splits):
+        for i in range(first_split, num_splits):
             ids = pages[:, i * pages_per_split : (i + 1) * pages_per_split].reshape(-1)
-            k = k_cache.index_select(0, ids).view(kv_shape).float().permute(0, 2, 3, 1)  # [N, Hkv, D, S]
-            v = v_cache.index_select(0, ids).view(kv_shape).float().transpose(1, 2)  # [N, Hkv, S, D]
+            # Contiguous operands: on a strided (permuted) one, matmul picks a different kernel for a
+            # batch of 1 than for a larger batch (measured: last-bit different rows), breaking invariance.
+            k = k_cache.index_select(0, ids).view(kv_shape).float().permute(0, 2, 3, 1).contiguous()  # [N, Hkv, D, S]
+            v = v_cache.index_select(0, ids).view(kv_shape).float().transpose(1, 2).contiguous()  # [N, Hkv, S, D]
             scores = torch.matmul(q, k)  # [N, Hkv, G, S]
-            hidden = (i * split + offsets)[None, :] > positions[:, None]  # [N, S]
+            k_pos = (i * split + offsets)[None, :]
+            hidden = k_pos > positions[:, None]  # [N, S]
+            if sliding_window is not None:
+                hidden |= k_pos <= positions[:, None] - sliding_window
             scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
-            new_max = torch.maximum(running_max, scores.amax(dim=-1))  # finite: page 0 holds position 0
+            new_max = torch.maximum(running_max, scores.amax(dim=-1))
             correction = torch.exp(running_max - new_max)
             probs = torch.exp(scores - new_max.unsqueeze(-1))
             denominator = denominator * correction + probs.sum(dim=-1)

@@ -25,6 +25,7 @@ class BlockedAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -44,6 +45,8 @@ class BlockedAttention(AttentionBackend):
 
         # New token t of sequence b sits at position context_len - query_len + t.
         q_pos = (meta.context_lens - meta.query_lens)[:, None] + t[None, :]  # [B, max_q]
+        # Padding rows take the last real position, so that a window never leaves them without a key.
+        q_pos = torch.minimum(q_pos, meta.context_lens[:, None] - 1)
         q_pos = q_pos[:, None, None, :].expand(num_seqs, 1, group, max_q).reshape(num_seqs, 1, group * max_q, 1)
         context_lens = meta.context_lens[:, None, None, None]
         offsets = torch.arange(block_size, device=device)
@@ -52,13 +55,20 @@ class BlockedAttention(AttentionBackend):
         running_sum = torch.zeros_like(running_max)
         acc = torch.zeros(num_seqs, num_kv_heads, group * max_q, head_dim, device=device)
         num_blocks = -(-meta.max_context_len // block_size)
-        for j in range(num_blocks):
+        first_block = 0
+        if sliding_window is not None:
+            # Pages before every query's window are skipped: they would be fully masked anyway.
+            first_visible = min(c - n for c, n in zip(meta.context_lens_cpu, meta.query_lens_cpu)) - sliding_window + 1
+            first_block = max(0, first_visible) // block_size
+        for j in range(first_block, num_blocks):
             block_ids = meta.block_tables[:, j]  # past a sequence's end this is padding; its keys get masked
             k = k_cache[block_ids].float().permute(0, 2, 3, 1)  # [B, Hkv, D, bs]
             v = v_cache[block_ids].float().permute(0, 2, 1, 3)  # [B, Hkv, bs, D]
             scores = q @ k  # [B, Hkv, G*max_q, bs]
             k_pos = j * block_size + offsets
             hidden = (k_pos > q_pos) | (k_pos >= context_lens)
+            if sliding_window is not None:
+                hidden |= k_pos <= q_pos - sliding_window
             scores.masked_fill_(hidden, float("-inf"))
 
             new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
@@ -70,6 +80,6 @@ class BlockedAttention(AttentionBackend):
             acc = acc * rescale + probs @ v
             running_max = new_max
 
-        out = acc / running_sum  # every real query sees key 0, so running_sum > 0
+        out = acc / running_sum  # every query sees at least its own key, so running_sum > 0
         out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)  # [B, max_q, Hkv, G, D]
         return out.reshape(num_seqs, max_q, num_heads, head_dim)[is_real].to(query.dtype)

@@ -28,6 +28,7 @@ class ReferenceAttention(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
@@ -42,7 +43,10 @@ class ReferenceAttention(AttentionBackend):
             # New token j sits at position context_len - query_len + j.
             q_pos = torch.arange(query_len, device=query.device) + (context_len - query_len)
             k_pos = torch.arange(context_len, device=query.device)
-            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            hidden = k_pos[None, :] > q_pos[:, None]
+            if sliding_window is not None:  # only the window p - W < k <= p is visible
+                hidden |= k_pos[None, :] <= q_pos[:, None] - sliding_window
+            scores = scores.masked_fill(hidden, float("-inf"))
             probs = scores.softmax(dim=-1)
             out[start : start + query_len] = (probs @ v.transpose(0, 1)).transpose(0, 1).to(query.dtype)
             start += query_len

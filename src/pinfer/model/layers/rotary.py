@@ -1,5 +1,6 @@
 """Rotary position embeddings (RoPE), in Hugging Face's "rotate half" layout,
-with the scaling types Llama-family configs use (linear, llama3, yarn)."""
+with the scaling types Llama-family configs use (linear, llama3, yarn, dynamic NTK), and
+partial rotary (Phi-3 / Phi-4-mini: only the first part of each head rotates)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]
         return _llama3_inv_freq(inv_freq, rope), 1.0
     if rope.type == "yarn":
         return _yarn_inv_freq(head_dim, rope)
+    if rope.type == "dynamic":
+        return _dynamic_ntk_inv_freq(head_dim, rope), 1.0
     raise ValueError(f"unsupported rope type {rope.type!r}")
 
 
@@ -37,6 +40,21 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _dynamic_ntk_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:
+    """Dynamic NTK, frozen at the longest supported length (what vLLM does).
+
+    transformers recomputes the base from the *current* sequence length whenever it exceeds
+    max_position_embeddings (and uses plain RoPE below it). One static cos/sin table cannot
+    follow that, so like vLLM we use the frequencies for seq_len = max_position_embeddings *
+    factor at every position: identical to transformers for a forward whose length is exactly
+    that, different (by design) for shorter sequences.
+    """
+    original_len = rope.original_max_position_embeddings or 2048
+    seq_len = original_len * rope.factor
+    base = rope.theta * ((rope.factor * seq_len / original_len) - (rope.factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 def _yarn_inv_freq(dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]:
@@ -67,13 +85,15 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, device: torch.device | None = None):
         super().__init__()
         self.head_dim, self.max_positions, self.rope = head_dim, max_positions, rope
+        # Frequencies are computed over the rotated dims only, as transformers does.
+        self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.rebuild_buffers(device)
 
     def rebuild_buffers(self, device: torch.device | None) -> None:
         """(Re)compute the float32 cos/sin tables: also after materialising a meta-device model."""
-        inv_freq, scale = rope_inv_freq(self.head_dim, self.rope)
+        inv_freq, scale = rope_inv_freq(self.rotary_dim, self.rope)
         freqs = torch.arange(self.max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self.cos = (freqs.cos() * scale).to(device)
         self.sin = (freqs.sin() * scale).to(device)
@@ -81,6 +101,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1).to(query.dtype)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1).to(query.dtype)
+        if self.rotary_dim < self.head_dim:  # partial: the tail of each head passes through unrotated
+            d = self.rotary_dim
+            return (torch.cat((_rotate(query[..., :d], cos, sin), query[..., d:]), dim=-1),
+                    torch.cat((_rotate(key[..., :d], cos, sin), key[..., d:]), dim=-1))
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 
