@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from pinfer import LLM, SamplingParams
+from tiny_models import hf_logprobs, prompt_logprob_table, save_checkpoint
 
 # As tests/conftest.py: conversions are cached under .cache/tests.
 CACHE_DIR = Path(os.environ.get("PINFER_TEST_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "tests"))
@@ -42,15 +42,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(smollm2_hf_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(smollm2_hf_dir).save_pretrained(out)
-    return out
-
-
 def build_checkpoint(name: str, directory: Path, tokenizer_dir: Path):
     torch.manual_seed(0)
     config = CONFIGS[name]()
@@ -60,20 +51,8 @@ def build_checkpoint(name: str, directory: Path, tokenizer_dir: Path):
         for param_name, param in model.named_parameters():
             if "norm" in param_name:
                 param.normal_(0.0, 0.3)
-    model.save_pretrained(directory)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
+    save_checkpoint(model, directory, tokenizer_dir)
     return model
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def prompt_logprob_table(output) -> torch.Tensor:
-    return torch.tensor([e[tok].logprob for e, tok in zip(output.prompt_logprobs[1:], output.prompt_token_ids[1:])])
 
 
 def test_tiny_layer_types(tmp_path, tokenizer_dir):

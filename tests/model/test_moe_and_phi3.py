@@ -5,15 +5,14 @@ prefill and decode through the paged cache (same approach as test_tiny_architect
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Phi3Config, Qwen2MoeConfig,
+from transformers import (AutoModelForCausalLM, MixtralConfig, Phi3Config, Qwen2MoeConfig,
                           Qwen3MoeConfig)
 
 from pinfer import LLM, SamplingParams
 from pinfer.config import ModelConfig
+from tiny_models import hf_logprobs, prompt_logprob_table, save_checkpoint
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.1,
@@ -32,31 +31,11 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(smollm2_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(smollm2_hf_dir).save_pretrained(out)
-    return out
-
-
 def build_checkpoint(name: str, directory, tokenizer_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[name](), dtype=torch.float32, attn_implementation="eager").eval()
-    model.save_pretrained(directory)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
+    save_checkpoint(model, directory, tokenizer_dir)
     return model
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def prompt_logprob_table(output) -> torch.Tensor:
-    return torch.tensor([e[tok].logprob
-                         for e, tok in zip(output.prompt_logprobs[1:], output.prompt_token_ids[1:])])
 
 
 def config_of(name: str) -> ModelConfig:
@@ -146,9 +125,7 @@ def test_dynamic_ntk_rope_matches_at_full_length(tmp_path, tokenizer_dir):
     config = LlamaConfig(**{**COMMON, "max_position_embeddings": 32},
                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    hf.save_pretrained(tmp_path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, tmp_path / f.name)
+    save_checkpoint(hf, tmp_path, tokenizer_dir)
     full_len = 64
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 512, (full_len,), generator=gen).tolist()

@@ -5,17 +5,16 @@ backend; plus how window settings are read from config.json."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+from transformers import AutoModelForCausalLM, MistralConfig
 
 from pinfer import LLM, SamplingParams
 from pinfer.config import ModelConfig
 from pinfer.engine.model_runner import kv_bytes_per_block
 from pinfer.errors import UnsupportedArchitectureError
 from pinfer.model.attention import ATTENTION_BACKENDS
+from tiny_models import hf_logprobs, save_checkpoint
 
 WINDOW = 8
 MISTRAL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -26,13 +25,6 @@ MAX_ABS_DIFF = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(smollm2_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(smollm2_hf_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def mistral(tmp_path_factory, tokenizer_dir):
     """(checkpoint dir, transformers model with the window, the same weights without it)."""
     directory = tmp_path_factory.mktemp("mistral-swa")
@@ -40,19 +32,11 @@ def mistral(tmp_path_factory, tokenizer_dir):
     config = MistralConfig(**MISTRAL, sliding_window=WINDOW)
     # eager: transformers builds the sliding-window mask itself and applies it.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    model.save_pretrained(directory)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
+    save_checkpoint(model, directory, tokenizer_dir)
     full = AutoModelForCausalLM.from_config(MistralConfig(**MISTRAL, sliding_window=None), dtype=torch.float32,
                                             attn_implementation="eager").eval()
     full.load_state_dict(model.state_dict())
     return directory, model, full
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
 
 
 def prompts() -> list[list[int]]:

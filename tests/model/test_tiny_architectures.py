@@ -4,13 +4,12 @@ transformers' logprobs for prefill, chunked prefill and decode through the paged
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from pinfer import LLM, SamplingParams
+from tiny_models import hf_logprobs, prompt_logprob_table, save_checkpoint
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.1,
@@ -29,33 +28,12 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(smollm2_hf_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    AutoTokenizer.from_pretrained(smollm2_hf_dir).save_pretrained(out)
-    return out
-
-
 def build_checkpoint(name: str, directory, tokenizer_dir):
     torch.manual_seed(0)
     config = CONFIGS[name]()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    model.save_pretrained(directory)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
+    save_checkpoint(model, directory, tokenizer_dir)
     return model
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-def prompt_logprob_table(output) -> torch.Tensor:
-    """[len-1] logprobs pinfer gave each prompt token after the first."""
-    return torch.tensor([e[tok].logprob
-                         for e, tok in zip(output.prompt_logprobs[1:], output.prompt_token_ids[1:])])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
