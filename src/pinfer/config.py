@@ -244,6 +244,13 @@ class EngineConfig:
     # Batch-invariant mode: a request's tokens and logprobs are bitwise the same whatever else
     # runs with it (batch size, chunking, preemption). Slower; see model/batch_invariant.py.
     deterministic: bool = False
+    # Weight-only quantization of the linears at load: None (keep the dtype), "int8" (per-channel
+    # scales) or "int4" (group-wise scales); see model/quantization.py.
+    quantization: str | None = None
+    # Chrome Trace JSON (open in Perfetto) of scheduling, prefill, decode and sampling spans per
+    # step, with TTFT/TPOT counters; trace_layers adds one span per decoder layer. See tools/trace.py.
+    trace_file: str | None = None
+    trace_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend is None:
@@ -252,6 +259,8 @@ class EngineConfig:
             raise PinferError(
                 f"deterministic=True needs the batch_invariant attention backend, not {self.attention_backend!r}"
             )
+        if self.quantization not in (None, "int8", "int4"):
+            raise PinferError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
         if self.block_size < 1:
             raise PinferError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

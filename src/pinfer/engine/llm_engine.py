@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from pinfer.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_blo
 from pinfer.engine.scheduler import Scheduler
 from pinfer.engine.sequence import Sequence
 from pinfer.errors import InvalidRequestError, PinferError
-from pinfer.loading.loader import default_dtype, load_model, open_checkpoint
+from pinfer.loading.loader import default_dtype, load_model, open_checkpoint, reload_model_weights
 from pinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
 from pinfer.sampling_params import SamplingParams
+from pinfer.tools.trace import NULL_TRACER, LayerSpans, make_tracer
 
 
 @dataclass
@@ -69,7 +71,8 @@ class LLMEngine:
         self.device = _resolve_device(config.device)
         self.max_model_len = self._max_model_len()
         self.tokenizer = checkpoint.load_tokenizer()
-        model = load_model(checkpoint, self.model_config, self.dtype, self.device, self.max_model_len)
+        model = load_model(checkpoint, self.model_config, self.dtype, self.device, self.max_model_len,
+                           config.quantization, config.deterministic)
 
         bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
         num_blocks = parse_memory_size(config.kv_cache_memory) // bytes_per_block
@@ -77,8 +80,14 @@ class LLMEngine:
             raise PinferError(
                 f"kv_cache_memory={config.kv_cache_memory!r} is smaller than one KV block ({bytes_per_block} bytes)"
             )
+        # Tracing off: NULL_TRACER, whose spans are a shared no-op context manager.
+        self.tracer = make_tracer(config.trace_file, process_name=f"pinfer {os.path.basename(str(config.model))}")
+        self._layer_spans = LayerSpans(self.tracer, model.layers) if config.trace_layers and self.tracer.enabled \
+            else None
         self.runner = ModelRunner(model, self.model_config, self.dtype, self.device,
-                                  config.block_size, num_blocks, config.attention_backend, config.deterministic)
+                                  config.block_size, num_blocks, config.attention_backend, config.deterministic,
+                                  max_num_seqs=config.max_num_seqs, max_num_tokens=config.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, tracer=self.tracer)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           sliding_window=model.shared_sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -106,6 +115,29 @@ class LLMEngine:
                 raise PinferError(f"max_model_len={self.config.max_model_len} exceeds the model's limit of {limit} tokens")
             limit = self.config.max_model_len
         return limit
+
+    # ---- trace file ------------------------------------------------------------------
+
+    def write_trace(self) -> str | None:
+        """Write the trace events so far to config.trace_file (a complete JSON file); returns its path.
+
+        Also done by close(), at garbage collection and at interpreter exit.
+        """
+        self.tracer.flush()
+        return self.tracer.path
+
+    def close(self) -> None:
+        """Finish the trace file. The engine stays usable, without tracing."""
+        self.tracer.close()
+        self.tracer = self.runner.tracer = NULL_TRACER
+        if self._layer_spans is not None:
+            self._layer_spans.remove()
+            self._layer_spans = None
+
+    def __del__(self) -> None:
+        tracer = getattr(self, "tracer", None)  # __init__ may have failed before setting it
+        if tracer is not None:
+            tracer.close()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -302,8 +334,8 @@ class LLMEngine:
             self.runner.restore_weights(self._released_weights)
             self._released_weights = {}
             if reload_weights:
-                with torch.inference_mode():
-                    self.runner.model.load_weights(open_checkpoint(self.config.model).weights(self.dtype))
+                # writes a GGUF's Q4 blocks as they are into int4 linears
+                reload_model_weights(self.runner.model, open_checkpoint(self.config.model), self.dtype)
                 self._weights_pending = set()
             else:
                 self._weights_pending = self.runner.model.expected_weight_keys()
@@ -326,23 +358,34 @@ class LLMEngine:
         """Run one batch; return outputs of requests that made progress (finished ones last time)."""
         if self.paused or self.sleeping:
             return []
-        schedule = self.scheduler.schedule()
-        if schedule.is_empty:
-            return []
-        now = time.time()
-        for item in schedule.scheduled:
-            metrics = self.requests[item.seq.request_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-        try:
-            result = self.runner.execute(schedule.scheduled)
-        except Exception as exc:  # a failed step fails the requests in it, not the engine
-            failed = {item.seq.request_id: self.requests[item.seq.request_id] for item in schedule.scheduled}
-            message = f"engine step failed: {type(exc).__name__}: {exc}"
-            return [self._fail_request(request, message) for request in failed.values()]
-        for item in schedule.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-        return self._process(result)
+        tracer = self.tracer
+        with tracer.span("step") as step_span:
+            with tracer.span("schedule"):
+                schedule = self.scheduler.schedule()
+            if schedule.is_empty:
+                return []
+            if tracer.enabled:
+                step_span.args.update(num_seqs=len(schedule.scheduled), num_tokens=schedule.num_tokens,
+                                      num_preempted=len(schedule.preempted))
+            now = time.time()
+            for item in schedule.scheduled:
+                metrics = self.requests[item.seq.request_id].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
+            try:
+                result = self.runner.execute(schedule.scheduled)
+            except Exception as exc:  # a failed step fails the requests in it, not the engine
+                failed = {item.seq.request_id: self.requests[item.seq.request_id] for item in schedule.scheduled}
+                message = f"engine step failed: {type(exc).__name__}: {exc}"
+                return [self._fail_request(request, message) for request in failed.values()]
+            for item in schedule.scheduled:
+                item.seq.num_computed_tokens += item.num_new_tokens
+            with tracer.span("postprocess"):  # append tokens, detokenize, check stops, build outputs
+                outputs = self._process(result)
+        if tracer.enabled:
+            tracer.counter("scheduler", running=len(self.scheduler.running), waiting=len(self.scheduler.waiting))
+            tracer.counter("kv_cache_usage", percent=100 * self.block_manager.usage)
+        return outputs
 
     def _process(self, result: StepResult) -> list[RequestOutput]:
         now = time.time()
@@ -363,6 +406,8 @@ class LLMEngine:
             touched[request.request_id] = request
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
+                if self.tracer.enabled:
+                    self.tracer.counter("TTFT", ms=1000 * request.metrics.time_to_first_token)
             try:
                 self._append_token(request, seq, sample)
             except Exception as exc:  # e.g. a detokenizer error: fail this request only
@@ -373,8 +418,17 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
+                if self.tracer.enabled:
+                    self._trace_tpot(request)
             outputs.append(self._make_output(request))
         return outputs
+
+    def _trace_tpot(self, request: Request) -> None:
+        # Time per output token after the first, as the server's /metrics histogram defines it.
+        num_tokens = max(seq.num_output_tokens for seq in request.seqs)
+        m = request.metrics
+        if num_tokens > 1:
+            self.tracer.counter("TPOT", ms=1000 * (m.finished_time - m.first_token_time) / (num_tokens - 1))
 
     def _append_token(self, request: Request, seq: Sequence, sample) -> None:
         token = sample.token_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from pinfer.model.attention.base import AttentionMetadata
 from pinfer.model.batch_invariant import BatchInvariantMode
 from pinfer.sampling.penalties import penalty_bias
 from pinfer.sampling.sampler import Sampler, SamplingBatch
+from pinfer.tools.trace import NULL_TRACER
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,6 +61,60 @@ def _return_freed_memory_to_os() -> None:
         pass
 
 
+class StepBuffers:
+    """The step's integer inputs, written in place every step rather than made by torch.tensor().
+
+    Sized once for the largest step (max_num_tokens tokens, max_num_seqs sequences,
+    max_blocks table entries each); a step uses leading slices, which are views. Host
+    values are written through numpy (no torch op, no allocation). On CPU the host
+    buffers are the model's inputs; on other devices they are copied into device twins.
+    A buffer that turns out too small (e.g. a caller bypassing the scheduler's limits) grows.
+    """
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks: int, device: torch.device):
+        self.device = device
+        sizes = {"input_ids": (max_num_tokens,), "positions": (max_num_tokens,), "slot_mapping": (max_num_tokens,),
+                 "query_start_loc": (max_num_seqs + 1,), "query_lens": (max_num_seqs,),
+                 "context_lens": (max_num_seqs,), "block_tables": (max_num_seqs, max_blocks)}
+        self.host = {name: torch.zeros(shape, dtype=torch.long) for name, shape in sizes.items()}
+        self._numpy = {name: buf.numpy() for name, buf in self.host.items()}  # views of the same memory
+        self.on_device = {} if device.type == "cpu" else {
+            name: torch.zeros_like(buf, device=device) for name, buf in self.host.items()}
+
+    def _fit(self, name: str, shape: tuple[int, ...]) -> None:
+        if all(n <= size for n, size in zip(shape, self.host[name].shape)):
+            return
+        grown = tuple(max(n, 2 * size) for n, size in zip(shape, self.host[name].shape))
+        self.host[name] = torch.zeros(grown, dtype=torch.long)
+        self._numpy[name] = self.host[name].numpy()
+        if self.on_device:
+            self.on_device[name] = torch.zeros(grown, dtype=torch.long, device=self.device)
+
+    def put(self, name: str, values: list[int]) -> torch.Tensor:
+        n = len(values)
+        self._fit(name, (n,))
+        self._numpy[name][:n] = values
+        return self._upload(name, (slice(0, n),))
+
+    def put_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables padded with 0 to the longest: [len(tables), max(len(t))]."""
+        rows, width = len(tables), max(len(t) for t in tables)
+        self._fit("block_tables", (rows, width))
+        view = self._numpy["block_tables"]
+        view[:rows, :width] = 0
+        for row, table in enumerate(tables):
+            view[row, : len(table)] = table
+        return self._upload("block_tables", (slice(0, rows), slice(0, width)))
+
+    def _upload(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        host = self.host[name][index]
+        if not self.on_device:
+            return host
+        device = self.on_device[name][index]
+        device.copy_(host)  # synchronous: the host buffer is rewritten next step
+        return device
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -70,6 +126,10 @@ class ModelRunner:
         num_blocks: int,
         attention_backend: str,
         deterministic: bool = False,
+        max_num_seqs: int = 256,
+        max_num_tokens: int = 2048,
+        max_model_len: int = 2048,
+        tracer=NULL_TRACER,
     ):
         self.model, self.config, self.dtype, self.device = model, config, dtype, device
         self.deterministic = deterministic
@@ -78,6 +138,8 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend)
         self.sampler = Sampler()
         self.kv_caches = self._allocate_kv_pool()
+        self.buffers = StepBuffers(max_num_tokens, max_num_seqs, -(-max_model_len // block_size), device)
+        self.tracer = tracer
 
     def release_kv_pool(self) -> None:
         """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
@@ -139,23 +201,18 @@ class ModelRunner:
                     prompt_rows.extend(base + p - start for p in range(first, last))
                     prompt_targets.extend(seq.token_ids[first + 1 : last + 1])
                     prompt_spans.append((seq, first + 1, last - first))
-        max_blocks = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch]
-        query_start = [0]
-        for n in query_lens:
-            query_start.append(query_start[-1] + n)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        put = self.buffers.put
         meta = AttentionMetadata(
-            query_start_loc=as_tensor(query_start),
-            query_lens=as_tensor(query_lens),
-            context_lens=as_tensor(context_lens),
-            block_tables=as_tensor(tables),
-            slot_mapping=as_tensor(slots),
+            query_start_loc=put("query_start_loc", [0, *itertools.accumulate(query_lens)]),
+            query_lens=put("query_lens", query_lens),
+            context_lens=put("context_lens", context_lens),
+            block_tables=self.buffers.put_tables([item.seq.block_table for item in batch]),
+            slot_mapping=put("slot_mapping", slots),
             query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
             block_size=bs,
         )
-        return (as_tensor(input_ids), as_tensor(positions), meta, sample_rows,
+        return (put("input_ids", input_ids), put("positions", positions), meta, sample_rows,
                 prompt_rows, prompt_targets, prompt_spans)
 
     def _sampling_batch(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplingBatch:
@@ -195,17 +252,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> StepResult:
-        (input_ids, positions, meta, sample_rows,
-         prompt_rows, prompt_targets, prompt_spans) = self._prepare(batch)
+        tracer = self.tracer
+        with tracer.span("prepare_inputs"):
+            (input_ids, positions, meta, sample_rows,
+             prompt_rows, prompt_targets, prompt_spans) = self._prepare(batch)
         with BatchInvariantMode() if self.deterministic else contextlib.nullcontext():
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+            with self._forward_span(batch, meta) if tracer.enabled else contextlib.nullcontext():
+                hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
             sampled: list[SampledToken] = []
             if sample_rows:
                 seqs = [item.seq for item in batch if item.completes_prefill]
-                logits = self.model.compute_logits(hidden[sample_rows])
-                sampled = self._sample(seqs, logits)
-            prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
+                with tracer.span("logits"):
+                    logits = self.model.compute_logits(hidden[sample_rows])
+                with tracer.span("sample"):
+                    sampled = self._sample(seqs, logits)
+            with tracer.span("prompt_logprobs") if prompt_rows else contextlib.nullcontext():
+                prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
         return StepResult(sampled, prompt_results)
+
+    def _forward_span(self, batch: list[ScheduledSequence], meta: AttentionMetadata):
+        """The model forward's span: "decode" (every sequence feeds back its last sampled token),
+        "prefill" (none does: prompt chunks, including one-token prompts) or "mixed"."""
+        num_decode = sum(item.num_new_tokens == 1 and item.seq.num_output_tokens > 0 for item in batch)
+        kind = "decode" if num_decode == len(batch) else "prefill" if num_decode == 0 else "mixed"
+        return self.tracer.span(kind, cat="forward", batch_size=len(batch), num_tokens=sum(meta.query_lens_cpu),
+                                num_decode_seqs=num_decode, num_prefill_seqs=len(batch) - num_decode,
+                                max_context_len=max(meta.context_lens_cpu))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SampledToken]:
         if not self.deterministic:

@@ -1,4 +1,4 @@
-"""The `pinfer` command: generate, chat and serve (bench, inspect, convert come later)."""
+"""The `pinfer` command: generate, chat, serve, bench, inspect, convert."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="batch-invariant mode: a request's tokens and logprobs do not depend on the rest "
                             "of the batch (slower)")
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    group.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
+                       help="weight-only quantization of the linears at load (default: none)")
+    group.add_argument("--trace", default=None, metavar="FILE",
+                       help="write a Chrome Trace JSON of every engine step (open it in Perfetto)")
+    group.add_argument("--trace-layers", action="store_true", help="with --trace: a span per decoder layer too")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -42,7 +47,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, quantization=args.quantization, trace_file=args.trace,
+        trace_layers=args.trace_layers,
     )
 
 
@@ -168,9 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
 
-    from pinfer.serving.cli import add_serve_parser  # imports FastAPI only when `serve` runs
+    # Each tool registers its own subcommand; heavy imports happen only when it runs.
+    from pinfer.serving.cli import add_serve_parser
+    from pinfer.tools.bench import add_bench_parser
+    from pinfer.tools.convert import add_convert_parser
+    from pinfer.tools.inspect import add_inspect_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
+    add_inspect_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 

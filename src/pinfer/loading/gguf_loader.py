@@ -20,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from pinfer.errors import ModelLoadError, UnsupportedArchitectureError
+from pinfer.model.quantization import Int4Weight
 
 # general.architecture -> (HF architectures entry, HF model_type).
 # Mistral GGUFs are written as "llama".
@@ -173,6 +174,11 @@ class GGUFCheckpoint:
 
     # --- weights -------------------------------------------------------------------
 
+    def tensor_headers(self) -> list[gguf.ReaderTensor]:
+        """The file's tensors in file order (name, ggml-order shape, tensor_type, n_elements,
+        n_bytes), without reading their data: for tools that only describe the file."""
+        return list(self._reader.tensors)
+
     def weights(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (hf_name, tensor) in file order, dequantized to float32 then cast to dtype."""
         for tensor in self._reader.tensors:
@@ -192,6 +198,25 @@ class GGUFCheckpoint:
                 # by the weight); HF keeps the offset w. transformers' GGUF loader subtracts 1 too.
                 values = values - 1
             yield hf_name, values.to(dtype)
+
+    def int4_weights(self) -> Iterator[tuple[str, Int4Weight]]:
+        """The Q4_0/Q4_1 linear weights as int4 groups of 32, exactly as stored (for
+        quantization="int4"; other tensors come dequantized from weights()).
+
+        Q4_1 (x = d*q + m) is the int4 linear's format itself; Q4_0 (x = d*(q - 8))
+        is zero = -8d. The 4-bit values are kept; d and m are fp16 in the file and
+        become bfloat16 in the kernel's scale table (it takes no other dtype).
+        """
+        for tensor in self._reader.tensors:
+            if tensor.tensor_type not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+                continue
+            if tensor.name == "token_embd.weight":
+                continue  # the embedding is looked up in the model dtype
+            weight = _q4_blocks(tensor)
+            if self.architecture == "llama" and re.fullmatch(r"blk\.\d+\.attn_[qk]\.weight", tensor.name):
+                # the Q/K row permutation undone, on whole rows (scales and offsets follow their row)
+                weight = weight.rows(self._unpermute(tensor.name, torch.arange(weight.qweight.shape[0])))
+            yield hf_tensor_name(tensor.name, self.architecture), weight
 
     def _unpermute(self, name: str, values: torch.Tensor) -> torch.Tensor:
         # llama.cpp's converter reorders Q/K rows of llama models from HF's "rotate half"
@@ -422,6 +447,20 @@ def _dequantize(tensor) -> np.ndarray:
         values = values.copy()
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return values.astype(np.float32, copy=False).reshape(shape)
+
+
+def _q4_blocks(tensor) -> Int4Weight:
+    """Decode Q4_0/Q4_1 blocks: fp16 d (and m for Q4_1), then 16 bytes holding values
+    0..15 of the block in the low nibbles and 16..31 in the high ones."""
+    rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+    cols = int(tensor.shape[0])
+    raw = np.asarray(tensor.data.view(np.ndarray)).reshape(rows, cols // 32, -1)
+    has_min = tensor.tensor_type == GGMLQuantizationType.Q4_1
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else -8 * d
+    qs = raw[..., 4:20] if has_min else raw[..., 2:18]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols).astype(np.int32)
+    return Int4Weight(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(m)))
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pinfer.config import ModelConfig
-from pinfer.errors import ModelLoadError
+from pinfer.errors import ModelLoadError, PinferError
 from pinfer.loading.checkpoint import Checkpoint
 from pinfer.loading.resolve import resolve_model
 from pinfer.loading.safetensors_loader import SafetensorsCheckpoint
+from pinfer.model.quantization import quantize_model
 from pinfer.model.registry import check_architecture, model_class_for
 
 
@@ -39,8 +41,16 @@ def default_dtype(checkpoint: Checkpoint) -> torch.dtype:
 
 
 def load_model(
-    checkpoint: Checkpoint, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    checkpoint: Checkpoint,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quantization: str | None = None,
+    deterministic: bool = False,
 ) -> nn.Module:
+    """Build the model and load its weights; quantization ("int8"/"int4") then swaps in
+    quantized linears (model/quantization.py), batch-invariant ones if deterministic."""
     model_cls = model_class_for(config)
     with torch.device("meta"):
         model = model_cls(config, max_positions=max_positions)
@@ -58,4 +68,35 @@ def load_model(
             f"checkpoint {checkpoint.path} is missing {len(missing)} tensor(s) for {config.architecture}, "
             f"e.g. {', '.join(names[:5])}"
         )
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantization is not None:
+        _quantize(model, checkpoint, quantization, device, deterministic)
+    return model
+
+
+def _quantize(model: nn.Module, checkpoint: Checkpoint, mode: str, device: torch.device, deterministic: bool) -> None:
+    if device.type != "cpu":
+        raise PinferError(f"quantization={mode!r} uses CPU kernels (torch._int_mm, torch's int4 CPU matmul); "
+                          f"device {device} is not supported")
+    # A GGUF file's Q4_0/Q4_1 blocks are int4 groups of 32 already: write the file's own
+    # values into the int4 linears instead of re-quantizing the dequantized floats.
+    blocks = getattr(checkpoint, "int4_weights", None)
+    prequantized = blocks() if mode == "int4" and blocks is not None else ()
+    with torch.no_grad():  # not inference_mode: update_weights later writes these buffers in place
+        quantize_model(model, mode, batch_invariant=deterministic, prequantized=prequantized)
+    try:  # glibc keeps the freed float weights in its heap otherwise (RSS stays ~100 MiB higher)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reload_model_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> set[str]:
+    """Re-read every weight from the checkpoint into a loaded model (wake_up after
+    sleep(level=2)). For an int4 model on a GGUF file the Q4 blocks are written as
+    they are again, not re-quantized from the dequantized floats."""
+    with torch.no_grad():
+        loaded = model.load_weights(checkpoint.weights(dtype))
+        blocks = getattr(checkpoint, "int4_weights", None)
+        if getattr(model, "quantization", None) == "int4" and blocks is not None:
+            model.load_weights.load_quantized(blocks())
+    return loaded

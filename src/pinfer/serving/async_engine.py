@@ -450,6 +450,7 @@ class AsyncEngine:
                 routes.clear()
                 self._deliver(deliveries)
                 self._publish_stats(0)
+                engine.write_trace()  # --trace: the file is complete when the server stops
                 return
             if self._can_step():
                 deliveries.extend(self._step(routes))

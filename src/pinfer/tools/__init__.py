@@ -1,0 +1,1 @@
+"""User tools around the engine: inspect, convert, bench, trace, energy."""

@@ -1,0 +1,182 @@
+"""What `pinfer bench` shows: the machine description, one summary row per
+(configuration, workload), the llama-bench-style table, and the bar chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def describe_machine() -> dict[str, Any]:
+    import torch
+
+    cpuinfo = _read("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    physical = set(_core_ids(cpuinfo))  # distinct (physical id, core id) pairs
+    return {
+        "cpu_model": models[0] if models else platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": len(physical) or None,
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "virtual_machine": " hypervisor" in cpuinfo,
+        "memory_bytes": _mem_total_bytes(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "pinfer": _pinfer_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _core_ids(cpuinfo: str) -> list[str]:
+    ids = []
+    for block in cpuinfo.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            ids.append(f"{fields.get('physical id', '0')}\n{fields['core id']}")
+    return ids
+
+
+def _mem_total_bytes() -> int | None:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _pinfer_version() -> str:
+    import pinfer
+
+    return pinfer.__version__
+
+
+@dataclass
+class Row:
+    """One (configuration, workload): means and sample stddevs over the measured runs."""
+
+    model: str
+    dtype: str
+    quantization: str
+    threads: int | None
+    attention_backend: str
+    max_num_seqs: int
+    workload: str
+    metric: str  # which tok/s is the headline: "decode" or "total"
+    repeats: int = 0
+    tok_s_mean: float | None = None
+    tok_s_std: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    peak_rss_mib: float | None = None
+    joules_per_token: float | None = None
+    cpu_seconds_per_token: float | None = None
+    error: str | None = None
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(config: dict[str, Any], workload: dict[str, Any]) -> Row:
+    """config: a result's "describe"; workload: one entry of its "workloads"."""
+    runs = workload["runs"]
+    rate_key = "decode_tok_s" if workload["metric"] == "decode" else "tok_s"
+    tok_s_mean, tok_s_std = _mean_std([r[rate_key] for r in runs])
+    ttft, _ = _mean_std([r["ttft_s_mean"] for r in runs])
+    tpot, _ = _mean_std([r["tpot_s_mean"] for r in runs])
+    joules, _ = _mean_std([r.get("joules_per_token") for r in runs])
+    cpu, _ = _mean_std([r.get("cpu_seconds_per_token") for r in runs])
+    return Row(
+        model=config["model"], dtype=config["dtype"], quantization=config["quantization"],
+        threads=config["threads"], attention_backend=config["attention_backend"],
+        max_num_seqs=config["max_num_seqs"], workload=workload["workload"], metric=workload["metric"],
+        repeats=len(runs), tok_s_mean=tok_s_mean, tok_s_std=tok_s_std,
+        ttft_ms=None if ttft is None else ttft * 1e3, tpot_ms=None if tpot is None else tpot * 1e3,
+        peak_rss_mib=workload["peak_rss_bytes"] / 2**20, joules_per_token=joules, cpu_seconds_per_token=cpu,
+    )
+
+
+def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
+    """A Markdown table, one row per (configuration, workload), as llama-bench prints."""
+    columns: list[tuple[str, str, Any]] = [  # header, alignment, cell
+        ("model", "<", lambda r: r.model),
+        ("dtype", "<", lambda r: r.dtype),
+        ("quant", "<", lambda r: r.quantization),
+        ("threads", ">", lambda r: "" if r.threads is None else str(r.threads)),
+    ]
+    if any(r.attention_backend != "paged" for r in rows):
+        columns.append(("attention", "<", lambda r: r.attention_backend))
+    if len({r.max_num_seqs for r in rows}) > 1:
+        columns.append(("max seqs", ">", lambda r: str(r.max_num_seqs)))
+    columns += [
+        ("workload", "<", lambda r: r.workload),
+        ("tok/s", ">", lambda r: f"failed: {r.error}" if r.error else
+         f"{_num(r.tok_s_mean, 2)} ± {_num(r.tok_s_std, 2)}" + (" (decode)" if r.metric == "decode" else "")),
+        ("TTFT ms", ">", lambda r: _num(r.ttft_ms, 1)),
+        ("TPOT ms", ">", lambda r: _num(r.tpot_ms, 1)),
+        ("peak RSS MiB", ">", lambda r: _num(r.peak_rss_mib, 0)),
+    ]
+    if energy and rapl:
+        columns.append(("J/tok", ">", lambda r: _num(r.joules_per_token, 3)))
+    if energy:
+        columns.append(("CPU-s/tok", ">", lambda r: _num(r.cpu_seconds_per_token, 4)))
+    cells = [[cell(r) for _, _, cell in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(f"{v:{a}{w}}" for v, (_, a, _), w in zip(values, columns, widths)) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + (":" if a == ">" else "-") for (_, a, _), w in zip(columns, widths)) + " |"
+    return "\n".join([line([h for h, _, _ in columns]), rule] + [line(c) for c in cells])
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def plot(rows: list[Row], path: str | Path, title: str) -> None:
+    """Bar chart of the headline tok/s (± stddev) per configuration, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.tok_s_mean is not None]
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    if not workloads:
+        raise ValueError("nothing to plot: every configuration failed")
+    varying = _varying_fields(rows)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    for ax, name in zip(axes[0], workloads):
+        subset = [r for r in rows if r.workload == name]
+        labels = ["\n".join(str(getattr(r, f)) for f in varying) or r.model for r in subset]
+        ax.bar(range(len(subset)), [r.tok_s_mean for r in subset], yerr=[r.tok_s_std for r in subset],
+               capsize=4, color="tab:blue")
+        ax.set_xticks(range(len(subset)), labels)
+        ax.set_title(f"{name} ({subset[0].metric} tok/s)")
+        ax.set_ylabel("tokens / s")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _varying_fields(rows: list[Row]) -> list[str]:
+    fields = ["model", "dtype", "quantization", "threads", "attention_backend", "max_num_seqs"]
+    return [f for f in fields if len({getattr(r, f) for r in rows}) > 1]

@@ -1,0 +1,116 @@
+"""`pinfer bench`: deterministic workloads in the right token-length range, one
+configuration per comma-list combination, a table that says which energy unit it
+shows, and a tiny real run (fresh worker process) whose JSON numbers add up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pinfer.entrypoints.cli import build_parser, main
+from pinfer.loading.loader import open_checkpoint
+from pinfer.loading.resolve import DEFAULT_MODEL
+from pinfer.tools import energy
+from pinfer.tools.bench import expand_configs
+from pinfer.tools.bench_report import Row, format_table
+from pinfer.tools.workloads import arithmetic_prompts, make_workload
+
+
+def test_rollout_prompts_are_the_same_list_every_run_and_varied():
+    assert arithmetic_prompts(64, seed=0) == arithmetic_prompts(64, seed=0)
+    assert arithmetic_prompts(64, seed=0) != arithmetic_prompts(64, seed=1)
+    assert len(set(arithmetic_prompts(64))) == 64
+    assert arithmetic_prompts(256)[:64] == arithmetic_prompts(64)  # --num-prompts 256 extends the list
+    rollout = make_workload("rollout", num_prompts=64)
+    assert (rollout.num_prompts, rollout.max_tokens, rollout.temperature) == (64, 128, 1.0)
+    assert rollout.logprobs and rollout.ignore_eos
+    latency = make_workload("latency")
+    assert (latency.num_prompts, latency.max_tokens, latency.temperature) == (1, 128, 0.0)
+
+
+def test_prompts_are_50_to_70_tokens_with_the_chat_template():
+    tokenizer = open_checkpoint(DEFAULT_MODEL).load_tokenizer()
+
+    def num_tokens(conversation) -> int:
+        ids = tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    rollout = [num_tokens(c) for c in make_workload("rollout", num_prompts=256).conversations]
+    assert 50 <= min(rollout) and max(rollout) <= 70, (min(rollout), max(rollout))
+    assert 55 <= num_tokens(make_workload("latency").conversations[0]) <= 65
+
+
+def test_comma_separated_flags_make_one_configuration_per_combination():
+    args = build_parser().parse_args(["bench", "--dtype", "float32,bfloat16", "-q", "none,int8", "-t", "1"])
+    configs = expand_configs(args)
+    assert [(c["engine"]["dtype"], c["engine"]["quantization"]) for c in configs] == [
+        ("float32", None), ("float32", "int8"), ("bfloat16", None), ("bfloat16", "int8")]
+    assert all(c["threads"] == 1 and c["engine"]["attention_backend"] == "paged" for c in configs)
+    deterministic = expand_configs(build_parser().parse_args(["bench", "--deterministic"]))
+    assert deterministic[0]["engine"]["attention_backend"] == "batch_invariant"
+
+
+def _row(**kw) -> Row:
+    base = dict(model="m", dtype="float32", quantization="none", threads=2, attention_backend="paged",
+                max_num_seqs=256, workload="rollout", metric="total", repeats=3, tok_s_mean=100.0, tok_s_std=2.5,
+                ttft_ms=50.0, tpot_ms=10.0, peak_rss_mib=900.0, cpu_seconds_per_token=0.02)
+    return Row(**{**base, **kw})
+
+
+def test_table_shows_cpu_seconds_without_rapl_and_joules_with_it():
+    no_rapl = format_table([_row()], energy=True, rapl=False)
+    header = no_rapl.splitlines()[0]
+    assert "CPU-s/tok" in header and "J/tok" not in header.replace("CPU-s/tok", "")
+    assert "100.00 ± 2.50" in no_rapl and "0.0200" in no_rapl
+    with_rapl = format_table([_row(joules_per_token=0.75)], energy=True, rapl=True)
+    assert "| J/tok |" in with_rapl.splitlines()[0] and "0.750" in with_rapl
+    assert "tok" not in format_table([_row()], energy=False, rapl=False).splitlines()[0].replace("tok/s", "")
+
+
+@pytest.fixture
+def no_rapl(tmp_path, monkeypatch):
+    monkeypatch.setattr(energy, "POWERCAP_ROOT", tmp_path / "no-powercap")  # the worker gets it through its spec
+
+
+def test_tiny_real_bench_writes_consistent_json_and_a_png(tmp_path, no_rapl, capsys):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--workload", "latency,rollout", "--max-tokens", "8", "--num-prompts", "2",
+                 "--repeats", "1", "--warmup-tokens", "0", "--dtype", "float32", "--kv-cache-memory", "64MiB",
+                 "--energy", "--json", str(json_path), "--plot", str(png_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert err.count("RAPL energy counters are not exposed") == 1  # said once, plainly
+    assert "CPU-s/tok" in out.splitlines()[0] and "smollm2-135m | float32" in out
+
+    doc = json.loads(json_path.read_text())
+    assert {"cpu_model", "logical_cpus", "torch"} <= doc["machine"].keys()
+    assert doc["energy"]["source"] == "cpu_time"
+    (config,) = doc["configurations"]
+    result = config["result"]
+    assert result["error"] is None and result["describe"]["dtype"] == "float32"
+    latency, rollout = result["workloads"]
+    for workload, num_prompts in ((latency, 1), (rollout, 2)):
+        (run,) = workload["runs"]
+        assert run["generated_tokens"] == num_prompts * 8  # ignore_eos: exactly prompts x max_tokens
+        assert [r["generated_tokens"] for r in run["requests"]] == [8] * num_prompts
+        assert all(50 <= r["prompt_tokens"] <= 70 for r in run["requests"])
+        assert run["tok_s"] == pytest.approx(run["generated_tokens"] / run["seconds"])
+        assert run["cpu_seconds_per_token"] == pytest.approx(run["cpu_seconds"] / run["generated_tokens"])
+        assert run["joules"] is None and run["cpu_seconds"] > 0
+        assert all(0 < r["ttft_s"] <= run["seconds"] for r in run["requests"])
+        assert workload["warmup"] is None  # --warmup-tokens 0 (the default run warms up with 32 tokens)
+        assert workload["peak_rss_bytes"] > 100 * 2**20
+    (lat_request,) = latency["runs"][0]["requests"]
+    assert latency["runs"][0]["decode_tok_s"] == pytest.approx(1 / lat_request["tpot_s"])
+    rows = doc["rows"]
+    assert [r["workload"] for r in rows] == ["latency", "rollout"]
+    assert rows[1]["tok_s_mean"] == pytest.approx(rollout["runs"][0]["tok_s"]) and rows[1]["tok_s_std"] == 0.0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_configuration_is_a_failed_row_not_a_crash(tmp_path, no_rapl, capsys):
+    code = main(["bench", "--model", str(tmp_path / "missing.gguf"), "--workload", "rollout", "--repeats", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "failed:" in out and "missing.gguf" in err
