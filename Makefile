@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install demo test clean
+.PHONY: install demo test browser clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/pinfer generate --chat --prompt "$(PROMPT)" --max-tokens 128
 
-test: install
+# Chromium for the browser tests; best effort (they skip, saying why, without it).
+browser:
+	.ci/install-browser
+
+test: install browser
 	$(PY) -m pytest -q
 
 clean:

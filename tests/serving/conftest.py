@@ -39,6 +39,8 @@ SERVER_FLAGS = {
     "sigterm_server": ["--shutdown-timeout", "6", "--kv-cache-memory", "64MiB"],
     # RL controls (pause, sleep, weight updates) change its state; API key to check they need it
     "rl_server": ["--api-key", "rl-secret", "--kv-cache-memory", "128MiB"],
+    # the browser pages (test_web_ui.py), behind an API key as a shared deployment would be
+    "web_server": ["--api-key", "web-secret", "--kv-cache-memory", "128MiB"],
 }
 
 
@@ -118,6 +120,11 @@ def sigterm_server(_server_pool) -> ServerProcess:
 @pytest.fixture(scope="session")
 def rl_server(_server_pool) -> ServerProcess:
     return _server_pool["rl_server"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def web_server(_server_pool) -> ServerProcess:
+    return _server_pool["web_server"].wait_ready()
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     POST /v1/completions        POST /v1/chat/completions     (JSON or SSE stream)
     GET  /v1/models             GET  /health                  GET /metrics
+    GET  /  (chat page)         GET  /dashboard               (web.py)
 
 RL controls (modelled on vLLM's and SGLang's), run on the engine worker between
 two steps:
@@ -48,6 +49,7 @@ from pinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, O
                                      SleepRequest, UpdateWeightsRequest, WakeUpRequest, chat_logprobs,
                                      completion_logprobs, error_body, invalid_request, new_id, now, stop_fields,
                                      usage)
+from pinfer.serving.web import add_web_routes, is_public_page
 
 logger = logging.getLogger("pinfer.serving")
 
@@ -114,6 +116,7 @@ def build_app(
         return await serving.chat_completions(body, request)
 
     _add_rl_routes(app, async_engine)
+    add_web_routes(app, async_engine)
     return app
 
 
@@ -576,14 +579,15 @@ class SSEResponse(StreamingResponse):
 
 
 class ApiKeyMiddleware:
-    """401 for every path but /health unless the request carries `Authorization: Bearer <api_key>`."""
+    """401 for every path but /health and the static pages (which then ask for the key) unless the
+    request carries `Authorization: Bearer <api_key>`."""
 
     def __init__(self, app, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] == "/health" or is_public_page(scope["path"]):
             return await self.app(scope, receive, send)
         auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         if secrets.compare_digest(auth.strip(), self.expected):
