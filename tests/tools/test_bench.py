@@ -114,3 +114,37 @@ def test_a_failing_configuration_is_a_failed_row_not_a_crash(tmp_path, no_rapl, 
     out, err = capsys.readouterr()
     assert code == 1
     assert "failed:" in out and "missing.gguf" in err
+
+
+def test_transformers_peer_runs_the_workload_as_pinfer_does(smollm2_hf_dir, hf_smollm2):
+    """The transformers peer generates exactly max_tokens per prompt (EOS banned), returns a
+    logprob per sampled token that is transformers' own log_softmax, and times the batch;
+    greedy, its tokens are transformers' generate() tokens (and pinfer's: tests/entrypoints)."""
+    import torch
+
+    from pinfer.tools.bench_peers import TransformersRunner, _ChosenLogprobs
+
+    runner = TransformersRunner({"engine": {"model": str(smollm2_hf_dir), "dtype": "float32", "quantization": None},
+                                 "threads": None})
+    assert runner.describe()["engine"] == "transformers"
+    result = runner.run(make_workload("rollout", max_tokens=6, num_prompts=3))
+    assert [r.generated_tokens for r in result.requests] == [6, 6, 6]
+    # greedy past the point where the answer ends (SmolLM2 says a short sentence): still max_tokens
+    assert runner.run(make_workload("latency", max_tokens=160)).requests[0].generated_tokens == 160
+    assert all(r.ttft_s > 0 and r.tpot_s > 0 for r in result.requests) and result.seconds > 0
+
+    # The logprob bookkeeping against a forward pass of the finished sequence (greedy, one prompt).
+    ids = runner.tokenizer("The capital of France is", return_tensors="pt")
+    collect = _ChosenLogprobs()
+    with torch.inference_mode():
+        out = runner.model.generate(**ids, max_new_tokens=4, do_sample=False, logits_processor=[collect])
+        expected = torch.log_softmax(hf_smollm2(out).logits[0, ids["input_ids"].shape[1] - 1 : -1].float(), -1)
+    chosen = torch.cat(collect.finish(out), dim=1)[0]
+    new = out[0, ids["input_ids"].shape[1]:]
+    torch.testing.assert_close(chosen, expected.gather(1, new[:, None])[:, 0], atol=1e-4, rtol=0)
+
+
+def test_unknown_engine_is_refused_before_any_work():
+    args = build_parser().parse_args(["bench", "--engine", "pinfer,vllm"])
+    with pytest.raises(Exception, match="unknown engine 'vllm'"):
+        expand_configs(args)

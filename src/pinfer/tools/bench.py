@@ -28,10 +28,12 @@ from pinfer.entrypoints.cli import add_engine_args, engine_config_from_args
 from pinfer.errors import PinferError
 from pinfer.loading.resolve import DEFAULT_MODEL
 from pinfer.tools import energy
+from pinfer.tools.bench_runners import RUNNERS
 from pinfer.tools.workloads import WORKLOAD_NAMES
 
 # Flags that take comma-separated values, and how to parse one value.
 AXES: dict[str, Any] = {
+    "engine": str,
     "model": str, "dtype": str, "quantization": lambda v: None if v in ("none", "") else v,
     "attention_backend": lambda v: None if v in ("default", "") else v, "max_num_seqs": int,
     "threads": lambda v: None if v in ("default", "") else int(v),
@@ -47,6 +49,9 @@ def add_bench_parser(subparsers) -> None:
     )
     add_engine_args(parser)
     axes = parser.add_argument_group("configurations (comma-separated values: one row per combination)")
+    axes.add_argument("--engine", "-e", default="pinfer",
+                      help=f"engines to run side by side, from {', '.join(RUNNERS)} (default: pinfer); peers "
+                           "get the same model, dtype, threads and workloads")
     axes.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"models (default: {DEFAULT_MODEL})")
     axes.add_argument("--dtype", default="auto", help="e.g. float32,bfloat16 (default: auto)")
     axes.add_argument("--quantization", "-q", default="none", help="none, int8, int4 (default: none)")
@@ -86,9 +91,11 @@ def expand_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
     for combo in itertools.product(*values.values()):
         chosen = dict(zip(values, combo))
-        threads = chosen.pop("threads")
+        threads, runner = chosen.pop("threads"), chosen.pop("engine")
+        if runner not in RUNNERS:
+            raise PinferError(f"unknown engine {runner!r}; choose from {', '.join(RUNNERS)}")
         engine_config = engine_config_from_args(argparse.Namespace(**{**vars(args), **chosen}))
-        configs.append({"engine": asdict(engine_config), "threads": threads})
+        configs.append({"engine": asdict(engine_config), "threads": threads, "runner": runner})
     return configs
 
 
@@ -135,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     probe = energy.probe_rapl() if args.energy else None
     if probe is not None:
         print(f"energy: {probe.message}", file=sys.stderr)
-    common = {"runner": "pinfer", "workloads": workloads, "repeats": args.repeats,
+    common = {"workloads": workloads, "repeats": args.repeats,
               "warmup_max_tokens": args.warmup_tokens, "energy": args.energy,
               "powercap_root": str(energy.POWERCAP_ROOT)}
     records, rows = [], []
@@ -143,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for i, config in enumerate(configs):
             spec = {**common, **config}
             e = config["engine"]
-            print(f"[{i + 1}/{len(configs)}] {e['model']} dtype={e['dtype']} "
+            print(f"[{i + 1}/{len(configs)}] {config['runner']}: {e['model']} dtype={e['dtype']} "
                   f"quantization={e['quantization'] or 'none'} attention={e['attention_backend']} "
                   f"threads={config['threads'] or 'default'}", file=sys.stderr)
             result = run_worker(spec, Path(tmp), i)
@@ -178,7 +185,7 @@ def _rows(spec: dict[str, Any], result: dict[str, Any]) -> list:
         return [summarize(result["describe"], w) for w in result["workloads"]]
     print(f"  failed: {result['error']}", file=sys.stderr)
     e = spec["engine"]
-    return [Row(model=e["model"], dtype=str(e["dtype"]), quantization=e["quantization"] or "none",
+    return [Row(engine=spec["runner"], model=e["model"], dtype=str(e["dtype"]), quantization=e["quantization"] or "none",
                 threads=spec["threads"], attention_backend=e["attention_backend"], max_num_seqs=e["max_num_seqs"],
                 workload=w["name"], metric="", error=result["error"]) for w in spec["workloads"]]
 

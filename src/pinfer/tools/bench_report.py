@@ -72,7 +72,7 @@ class Row:
     quantization: str
     threads: int | None
     attention_backend: str
-    max_num_seqs: int
+    max_num_seqs: int | None  # None: a peer without a sequence cap
     workload: str
     metric: str  # which tok/s is the headline: "decode" or "total"
     repeats: int = 0
@@ -84,6 +84,7 @@ class Row:
     joules_per_token: float | None = None
     cpu_seconds_per_token: float | None = None
     error: str | None = None
+    engine: str = "pinfer"  # which runner (bench_runners.RUNNERS)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -103,7 +104,7 @@ def summarize(config: dict[str, Any], workload: dict[str, Any]) -> Row:
     joules, _ = _mean_std([r.get("joules_per_token") for r in runs])
     cpu, _ = _mean_std([r.get("cpu_seconds_per_token") for r in runs])
     return Row(
-        model=config["model"], dtype=config["dtype"], quantization=config["quantization"],
+        engine=config.get("engine", "pinfer"), model=config["model"], dtype=config["dtype"], quantization=config["quantization"],
         threads=config["threads"], attention_backend=config["attention_backend"],
         max_num_seqs=config["max_num_seqs"], workload=workload["workload"], metric=workload["metric"],
         repeats=len(runs), tok_s_mean=tok_s_mean, tok_s_std=tok_s_std,
@@ -115,6 +116,7 @@ def summarize(config: dict[str, Any], workload: dict[str, Any]) -> Row:
 def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
     """A Markdown table, one row per (configuration, workload), as llama-bench prints."""
     columns: list[tuple[str, str, Any]] = [  # header, alignment, cell
+        ("engine", "<", lambda r: r.engine),
         ("model", "<", lambda r: r.model),
         ("dtype", "<", lambda r: r.dtype),
         ("quant", "<", lambda r: r.quantization),
@@ -123,7 +125,7 @@ def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
     if any(r.attention_backend != "paged" for r in rows):
         columns.append(("attention", "<", lambda r: r.attention_backend))
     if len({r.max_num_seqs for r in rows}) > 1:
-        columns.append(("max seqs", ">", lambda r: str(r.max_num_seqs)))
+        columns.append(("max seqs", ">", lambda r: "" if r.max_num_seqs is None else str(r.max_num_seqs)))
     columns += [
         ("workload", "<", lambda r: r.workload),
         ("tok/s", ">", lambda r: f"failed: {r.error}" if r.error else
@@ -178,5 +180,5 @@ def plot(rows: list[Row], path: str | Path, title: str) -> None:
 
 
 def _varying_fields(rows: list[Row]) -> list[str]:
-    fields = ["model", "dtype", "quantization", "threads", "attention_backend", "max_num_seqs"]
+    fields = ["engine", "model", "dtype", "quantization", "threads", "attention_backend", "max_num_seqs"]
     return [f for f in fields if len({getattr(r, f) for r in rows}) > 1]

@@ -123,4 +123,10 @@ def _short_model_name(model: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name if path.exists() else model
 
 
-RUNNERS: dict[str, Callable[[dict[str, Any]], Runner]] = {"pinfer": PinferRunner}
+def _transformers_runner(spec: dict[str, Any]) -> Runner:
+    from pinfer.tools.bench_peers import TransformersRunner  # imports transformers only when asked for
+
+    return TransformersRunner(spec)
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any]], Runner]] = {"pinfer": PinferRunner, "transformers": _transformers_runner}
