@@ -251,6 +251,10 @@ class EngineConfig:
     # step, with TTFT/TPOT counters; trace_layers adds one span per decoder layer. See tools/trace.py.
     trace_file: str | None = None
     trace_layers: bool = False
+    # Scale-out (pinfer/distributed/): tensor parallelism over torch.distributed worker processes
+    # (gloo on CPU, NCCL on CUDA), and data-parallel engine replicas as Ray actors.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.attention_backend is None:
@@ -261,9 +265,13 @@ class EngineConfig:
             )
         if self.quantization not in (None, "int8", "int4"):
             raise PinferError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise PinferError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.block_size < 1:
             raise PinferError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise PinferError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise PinferError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
+            raise PinferError(f"data_parallel_size must be an integer >= 1, got {self.data_parallel_size!r}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pinfer.config import EngineConfig, ModelConfig, parse_dtype, parse_memory_size
+from pinfer.distributed.parallel_layers import check_tensor_parallel, shard_model
+from pinfer.distributed.tensor_parallel import TensorParallelError, TensorParallelGroup
 from pinfer.engine.block_manager import BlockManager
 from pinfer.engine.detokenizer import IncrementalDetokenizer
 from pinfer.engine.model_runner import ModelRunner, StepResult, kv_bytes_per_block
@@ -71,15 +73,29 @@ class LLMEngine:
         self.device = _resolve_device(config.device)
         self.max_model_len = self._max_model_len()
         self.tokenizer = checkpoint.load_tokenizer()
-        model = load_model(checkpoint, self.model_config, self.dtype, self.device, self.max_model_len,
-                           config.quantization, config.deterministic)
+        tp = config.tensor_parallel_size
+        check_tensor_parallel(self.model_config, tp, config.quantization)  # before any process or weight
 
-        bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype)
+        # With tensor parallelism kv_cache_memory is per rank: each holds the K/V of its KV heads.
+        bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype, tp)
         num_blocks = parse_memory_size(config.kv_cache_memory) // bytes_per_block
         if num_blocks < 1:
             raise PinferError(
                 f"kv_cache_memory={config.kv_cache_memory!r} is smaller than one KV block ({bytes_per_block} bytes)"
             )
+        # Ranks 1..tp-1 start now and load their shards while this process (rank 0) loads its own.
+        self.tp_group = TensorParallelGroup.start(config, self.dtype, self.device, self.max_model_len, num_blocks) \
+            if tp > 1 else None
+        try:
+            model = load_model(checkpoint, self.model_config, self.dtype, self.device, self.max_model_len,
+                               config.quantization, config.deterministic)
+            if self.tp_group is not None:
+                shard_model(model, rank=0, world_size=tp)
+                self.tp_group.wait_ready()
+        except BaseException:
+            if self.tp_group is not None:
+                self.tp_group.shutdown()
+            raise
         # Tracing off: NULL_TRACER, whose spans are a shared no-op context manager.
         self.tracer = make_tracer(config.trace_file, process_name=f"pinfer {os.path.basename(str(config.model))}")
         self._layer_spans = LayerSpans(self.tracer, model.layers) if config.trace_layers and self.tracer.enabled \
@@ -87,7 +103,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.model_config, self.dtype, self.device,
                                   config.block_size, num_blocks, config.attention_backend, config.deterministic,
                                   max_num_seqs=config.max_num_seqs, max_num_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, tracer=self.tracer)
+                                  max_model_len=self.max_model_len, tracer=self.tracer,
+                                  tensor_parallel_size=tp, tp_group=self.tp_group)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           sliding_window=model.shared_sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -127,7 +144,10 @@ class LLMEngine:
         return self.tracer.path
 
     def close(self) -> None:
-        """Finish the trace file. The engine stays usable, without tracing."""
+        """Finish the trace file. The engine stays usable, without tracing, unless it is
+        tensor-parallel: close() also stops the worker processes, and steps then fail."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
         self.tracer.close()
         self.tracer = self.runner.tracer = NULL_TRACER
         if self._layer_spans is not None:
@@ -138,6 +158,9 @@ class LLMEngine:
         tracer = getattr(self, "tracer", None)  # __init__ may have failed before setting it
         if tracer is not None:
             tracer.close()
+        tp_group = getattr(self, "tp_group", None)
+        if tp_group is not None:
+            tp_group.shutdown()
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -281,6 +304,7 @@ class LLMEngine:
         flight keep the K/V they computed with the old weights: pause() and let
         them finish or abort them first if that matters. Returns tensors written.
         """
+        self._refuse_with_tensor_parallel("update_weights()")
         items = weights.items() if hasattr(weights, "items") else weights
         with torch.inference_mode():
             written = self.runner.model.load_weights(items, validate_first=True)
@@ -310,6 +334,7 @@ class LLMEngine:
         level 1 frees the KV pool; level 2 also frees the weights. Needs an idle
         engine: finish or abort requests first. wake_up() restores service.
         """
+        self._refuse_with_tensor_parallel("sleep()")
         if level not in (1, 2):
             raise InvalidRequestError(f"level must be 1 (KV cache) or 2 (KV cache and weights), got {level!r}")
         if self.has_unfinished_requests():
@@ -340,6 +365,11 @@ class LLMEngine:
             else:
                 self._weights_pending = self.runner.model.expected_weight_keys()
         self.sleeping = False
+
+    def _refuse_with_tensor_parallel(self, what: str) -> None:
+        # The workers hold their own shards and KV pools: these would need a message to each.
+        if self.tp_group is not None:
+            raise InvalidRequestError(f"{what} is not supported with tensor_parallel_size > 1 yet")
 
     def _fail_request(self, request: Request, error: str) -> RequestOutput:
         """End one request with an error, freeing its blocks; the engine goes on with the others."""
@@ -374,6 +404,8 @@ class LLMEngine:
                     metrics.first_scheduled_time = now
             try:
                 result = self.runner.execute(schedule.scheduled)
+            except TensorParallelError:  # a dead worker: the engine itself is broken, fail loudly
+                raise
             except Exception as exc:  # a failed step fails the requests in it, not the engine
                 failed = {item.seq.request_id: self.requests[item.seq.request_id] for item in schedule.scheduled}
                 message = f"engine step failed: {type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pinfer.config import ModelConfig
+from pinfer.distributed.tensor_parallel import StepHeader, TensorParallelGroup, pack_step
 from pinfer.engine.scheduler import ScheduledSequence
 from pinfer.engine.sequence import Sequence
 from pinfer.model.attention import get_attention_backend
@@ -22,10 +23,11 @@ from pinfer.sampling.sampler import Sampler, SamplingBatch
 from pinfer.tools.trace import NULL_TRACER
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer, one block."""
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """K and V, every layer, one block; with tensor parallelism, one rank's share (its KV heads)."""
     element_size = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_size
+    num_kv_heads = config.num_kv_heads // tensor_parallel_size
+    return 2 * config.num_layers * block_size * num_kv_heads * config.head_dim * element_size
 
 
 @dataclass
@@ -130,8 +132,14 @@ class ModelRunner:
         max_num_tokens: int = 2048,
         max_model_len: int = 2048,
         tracer=NULL_TRACER,
+        tensor_parallel_size: int = 1,
+        tp_group: TensorParallelGroup | None = None,
     ):
         self.model, self.config, self.dtype, self.device = model, config, dtype, device
+        # Tensor parallelism: the model is this rank's shard and the pool holds this rank's KV heads.
+        # tp_group is set on rank 0 only: it sends each step to the workers (distributed/tensor_parallel.py).
+        self.num_kv_heads = config.num_kv_heads // tensor_parallel_size
+        self.tp_group = tp_group
         self.deterministic = deterministic
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -165,7 +173,7 @@ class ModelRunner:
             params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
 
     def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (self.num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
         pool = torch.zeros((self.config.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
         return [(pool[i, 0], pool[i, 1]) for i in range(self.config.num_layers)]
 
@@ -252,10 +260,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> StepResult:
+        if self.tp_group is None:
+            return self._execute(batch)
+        with self.tp_group.guard():  # a dead worker or failed collective -> TensorParallelError
+            return self._execute(batch)
+
+    def _execute(self, batch: list[ScheduledSequence]) -> StepResult:
         tracer = self.tracer
         with tracer.span("prepare_inputs"):
             (input_ids, positions, meta, sample_rows,
              prompt_rows, prompt_targets, prompt_spans) = self._prepare(batch)
+        if self.tp_group is not None:
+            # The workers run the same forward and compute_logits calls on their shards
+            # (tensor_parallel._run_step), in this order: the collectives must line up.
+            header = StepHeader(meta.query_lens_cpu, meta.context_lens_cpu, meta.block_tables.shape[1],
+                                meta.block_size, sample_rows, prompt_rows)
+            with tracer.span("broadcast_step"):
+                self.tp_group.send_step(header, pack_step(input_ids, positions, meta))
         with BatchInvariantMode() if self.deterministic else contextlib.nullcontext():
             with self._forward_span(batch, meta) if tracer.enabled else contextlib.nullcontext():
                 hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)

@@ -39,6 +39,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace", default=None, metavar="FILE",
                        help="write a Chrome Trace JSON of every engine step (open it in Perfetto)")
     group.add_argument("--trace-layers", action="store_true", help="with --trace: a span per decoder layer too")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                       help="split each layer over this many worker processes (torch.distributed; default: 1)")
+    group.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="run this many engine replicas as Ray actors (default: 1)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -48,7 +52,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
         deterministic=args.deterministic, quantization=args.quantization, trace_file=args.trace,
-        trace_layers=args.trace_layers,
+        trace_layers=args.trace_layers, tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence as Seq
 from tqdm.auto import tqdm
 
 from pinfer.config import EngineConfig
+from pinfer.distributed.data_parallel import DataParallelEngine
 from pinfer.engine.llm_engine import LLMEngine
 from pinfer.errors import InvalidRequestError
 from pinfer.loading.resolve import DEFAULT_MODEL
@@ -24,8 +25,12 @@ Message = dict[str, Any]
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options: Any):
-        """engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_num_seqs, ...)."""
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        """engine_options: any EngineConfig field (dtype, device, kv_cache_memory, max_num_seqs, ...).
+
+        data_parallel_size=N > 1: N engine replicas as Ray actors (distributed/data_parallel.py)."""
+        config = EngineConfig(model=model, **engine_options)
+        self.engine: LLMEngine | DataParallelEngine = (
+            DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config))
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -46,8 +51,10 @@ class LLM:
             p.validate()
             _, ids = self.engine.tokenize(prompt)
             self.engine.check_request(ids, p)
+        if isinstance(self.engine, DataParallelEngine):  # a whole share per replica: no per-step round trips
+            return self.engine.generate(prompts, params, use_tqdm)
         request_ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
-        return self._run(request_ids, use_tqdm)
+        return run_to_completion(self.engine, request_ids, use_tqdm)
 
     def chat(
         self,
@@ -67,27 +74,31 @@ class LLM:
     ) -> list[int]:
         return self.engine.apply_chat_template(messages, add_generation_prompt, chat_template)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
-        generated_before = self.engine.num_generated_tokens
-        try:
-            while len(finished) < len(request_ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        bar.update(1)
-                if use_tqdm:
-                    elapsed = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix(tok_s=f"{(self.engine.num_generated_tokens - generated_before) / elapsed:.1f}")
-        except BaseException:
-            for request_id in request_ids:  # never leave half-run requests holding KV blocks
-                if request_id not in finished:
-                    self.engine.abort_request(request_id)
-            raise
-        finally:
-            bar.close()
-        return [finished[r] for r in request_ids]
+
+def run_to_completion(engine: LLMEngine, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    """Step the engine until the given (queued) requests finish; their outputs in the given order.
+
+    Also the loop of each data-parallel replica."""
+    finished: dict[str, RequestOutput] = {}
+    bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm)
+    generated_before = engine.num_generated_tokens
+    try:
+        while len(finished) < len(request_ids):
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    bar.update(1)
+            if use_tqdm:
+                elapsed = bar.format_dict["elapsed"] or 1e-9
+                bar.set_postfix(tok_s=f"{(engine.num_generated_tokens - generated_before) / elapsed:.1f}")
+    except BaseException:
+        for request_id in request_ids:  # never leave half-run requests holding KV blocks
+            if request_id not in finished:
+                engine.abort_request(request_id)
+        raise
+    finally:
+        bar.close()
+    return [finished[r] for r in request_ids]
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

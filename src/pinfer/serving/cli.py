@@ -64,12 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     log = logging.getLogger("pinfer.serving")
     config = engine_config_from_args(args)
-    # the engine is built on the worker thread that will run it (faster; see async_engine.py)
-    async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=args.max_waiting)
+    if config.data_parallel_size > 1:
+        from pinfer.distributed.data_parallel import DataParallelEngine
+
+        # the models run in the replicas' processes, so the worker thread need not build it
+        async_engine = AsyncEngine(DataParallelEngine(config), max_waiting=args.max_waiting)
+    else:
+        # the engine is built on the worker thread that will run it (faster; see async_engine.py)
+        async_engine = AsyncEngine(lambda: LLMEngine(config), max_waiting=args.max_waiting)
     engine = async_engine.engine
     names = args.served_model_name or [args.model]
-    log.info("model %s served as %s: context %d tokens, KV pool %d tokens, max %d sequences per step",
-             args.model, ", ".join(names), engine.max_model_len, engine.kv_capacity_tokens, args.max_num_seqs)
+    log.info("model %s served as %s: context %d tokens, KV pool %d tokens, max %d sequences per step%s",
+             args.model, ", ".join(names), engine.max_model_len, engine.kv_capacity_tokens, args.max_num_seqs,
+             f" (each of {config.data_parallel_size} data-parallel replicas)" if config.data_parallel_size > 1 else "")
     app = build_app(async_engine, names, api_key=args.api_key)
     run_server(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                access_log=not args.no_access_log)

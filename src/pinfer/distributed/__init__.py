@@ -1,0 +1,1 @@
+"""Scale-out on standard engines: tensor parallelism (torch.distributed) and data-parallel replicas (Ray)."""
