@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from pinfer import LLM, SamplingParams
-from tiny_models import hf_logprobs, prompt_logprob_table, save_checkpoint
+from tiny_models import decode_logprob_diff, hf_logprobs, prompt_logprob_table, save_checkpoint
 
 # As tests/conftest.py: conversions are cached under .cache/tests.
 CACHE_DIR = Path(os.environ.get("PINFER_TEST_CACHE", Path(__file__).resolve().parents[2] / ".cache" / "tests"))
@@ -89,11 +89,7 @@ def test_tiny_gemma3_matches_transformers(name, tmp_path, tokenizer_dir):
     llm = LLM(str(tmp_path), dtype="float32", block_size=4, kv_cache_memory="4MiB")
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
     for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
-        completion = out.outputs[0]
-        ref = hf_logprobs(hf, prompt + completion.token_ids)[len(prompt) - 1 : -1]
-        assert completion.token_ids == ref.argmax(-1).tolist()
-        theirs = ref.gather(1, torch.tensor(completion.token_ids)[:, None]).squeeze(1)
-        diff = (torch.tensor(completion.token_logprobs) - theirs).abs().max().item()
+        diff = decode_logprob_diff(hf, prompt, out.outputs[0])
         worst = max(worst, diff)
         assert diff < 1e-4, (name, "decode", diff)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -14,7 +14,7 @@ from pinfer.config import ModelConfig
 from pinfer.engine.model_runner import kv_bytes_per_block
 from pinfer.errors import UnsupportedArchitectureError
 from pinfer.model.attention import ATTENTION_BACKENDS
-from tiny_models import hf_logprobs, save_checkpoint
+from tiny_models import decode_logprob_diff, hf_logprobs, save_checkpoint
 
 WINDOW = 8
 MISTRAL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,11 +81,7 @@ def test_mistral_sliding_window_matches_transformers(mistral, backend: str) -> N
     llm = LLM(str(directory), dtype="float32", block_size=4, kv_cache_memory="4MiB", attention_backend=backend)
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=0, ignore_eos=True)
     for prompt, out in zip(batch, llm.generate(batch, params, use_tqdm=False)):
-        completion = out.outputs[0]
-        ref = hf_logprobs(model, prompt + completion.token_ids)[len(prompt) - 1 : -1]
-        assert completion.token_ids == ref.argmax(-1).tolist()
-        theirs = ref.gather(1, torch.tensor(completion.token_ids)[:, None]).squeeze(1)
-        diff = (torch.tensor(completion.token_logprobs) - theirs).abs().max().item()
+        diff = decode_logprob_diff(model, prompt, out.outputs[0])
         assert diff < MAX_ABS_DIFF, (backend, len(prompt), diff)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
