@@ -76,7 +76,8 @@ def test_prompt_logprobs_match_a_transformers_forward_pass(llm, prompts, hf_smol
         assert abs(entry[ids[pos]].logprob - ref[pos - 1, ids[pos]].item()) < 1e-3
         top = ref[pos - 1].topk(3)
         ranked = sorted((lp for lp in entry.values() if lp.rank <= 3), key=lambda lp: lp.rank)
-        assert [round(lp.logprob, 3) for lp in ranked[:3]] == [round(v, 3) for v in top.values.tolist()]
+        ours, theirs = [lp.logprob for lp in ranked[:3]], top.values.tolist()
+        assert len(ours) == 3 and max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3, (ours, theirs)
 
 
 def test_each_prompt_alone_equals_the_ragged_batch(llm, prompts, batch_outputs):

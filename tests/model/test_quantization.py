@@ -162,11 +162,11 @@ def test_update_weights_requantizes(engines):
     model = engine.runner.model
     qkv = model.layers[0].self_attn.qkv_proj
     q_size, kv_size = model.layers[0].self_attn.q_size, model.layers[0].self_attn.kv_size
-    float_model = engines[None].engine.runner.model  # the same checkpoint's float weights
+    float_weights = engines[None].engine.runner.model.state_dict()  # the same checkpoint's float weights
     original = {
         "model.layers.0.self_attn.k_proj.weight":
-            float_model.layers[0].self_attn.qkv_proj.weight[q_size : q_size + kv_size].clone(),
-        "model.embed_tokens.weight": float_model.embed_tokens.weight.clone(),
+            float_weights["layers.0.self_attn.qkv_proj.weight"][q_size : q_size + kv_size].clone(),
+        "model.embed_tokens.weight": float_weights["embed_tokens.weight"].clone(),
     }
     k_new = original["model.layers.0.self_attn.k_proj.weight"] * 0.5
     embed_new = original["model.embed_tokens.weight"].clone()

@@ -1,6 +1,7 @@
 """`pinfer bench`: deterministic workloads in the right token-length range, one
 configuration per comma-list combination, a table that says which energy unit it
-shows, and a tiny real run (fresh worker process) whose JSON numbers add up."""
+shows (and seconds for a TTFT workload), and a tiny real run (fresh worker process)
+whose JSON numbers add up. The serve workload: test_bench_serve.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pinfer.loading.resolve import DEFAULT_MODEL
 from pinfer.tools import energy
 from pinfer.tools.bench import expand_configs
 from pinfer.tools.bench_report import Row, format_table
-from pinfer.tools.workloads import arithmetic_prompts, make_workload
+from pinfer.tools.workloads import arithmetic_prompts, long_prompt, make_workload
 
 
 def test_rollout_prompts_are_the_same_list_every_run_and_varied():
@@ -27,6 +28,14 @@ def test_rollout_prompts_are_the_same_list_every_run_and_varied():
     assert rollout.logprobs and rollout.ignore_eos
     latency = make_workload("latency")
     assert (latency.num_prompts, latency.max_tokens, latency.temperature) == (1, 128, 0.0)
+    serve = make_workload("serve", num_prompts=64, concurrency=8)
+    assert serve.conversations == rollout.conversations and (serve.concurrency, serve.temperature) == (8, 1.0)
+    assert rollout.concurrency is None and serve.ignore_eos and not serve.logprobs
+    long = make_workload("long_prompt")
+    assert (long.num_prompts, long.max_tokens, long.temperature, long.metric) == (1, 16, 0.0, "ttft")
+    assert long_prompt() == long_prompt()  # the same text on every run
+    lines = long_prompt().splitlines()[2:-2]
+    assert len(lines) == 29 and len(set(lines)) == 29  # a real document, no repeated lines
 
 
 def test_prompts_are_50_to_70_tokens_with_the_chat_template():
@@ -39,6 +48,7 @@ def test_prompts_are_50_to_70_tokens_with_the_chat_template():
     rollout = [num_tokens(c) for c in make_workload("rollout", num_prompts=256).conversations]
     assert 50 <= min(rollout) and max(rollout) <= 70, (min(rollout), max(rollout))
     assert 55 <= num_tokens(make_workload("latency").conversations[0]) <= 65
+    assert 980 <= num_tokens(make_workload("long_prompt").conversations[0]) <= 1020
 
 
 def test_comma_separated_flags_make_one_configuration_per_combination():
@@ -68,6 +78,14 @@ def test_table_shows_cpu_seconds_without_rapl_and_joules_with_it():
     assert "tok" not in format_table([_row()], energy=False, rapl=False).splitlines()[0].replace("tok/s", "")
 
 
+def test_a_ttft_workload_shows_seconds_and_an_inapplicable_one_says_so():
+    rows = [_row(workload="long_prompt", metric="ttft", ttft_ms=1234.5, ttft_ms_std=20.0),
+            _row(workload="serve", metric="total", error="the transformers peer has no server", not_applicable=True)]
+    table = format_table(rows, energy=False, rapl=False)
+    assert "1.234 ± 0.020 s (TTFT)" in table and "100.00" not in table  # TTFT is the headline, not tok/s
+    assert "n/a: the transformers peer has no server" in table and "failed" not in table
+
+
 @pytest.fixture
 def no_rapl(tmp_path, monkeypatch):
     monkeypatch.setattr(energy, "POWERCAP_ROOT", tmp_path / "no-powercap")  # the worker gets it through its spec
@@ -75,7 +93,7 @@ def no_rapl(tmp_path, monkeypatch):
 
 def test_tiny_real_bench_writes_consistent_json_and_a_png(tmp_path, no_rapl, capsys):
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", "--workload", "latency,rollout", "--max-tokens", "8", "--num-prompts", "2",
+    code = main(["bench", "--workload", "latency,rollout,long_prompt", "--max-tokens", "8", "--num-prompts", "2",
                  "--repeats", "1", "--warmup-tokens", "0", "--dtype", "float32", "--kv-cache-memory", "64MiB",
                  "--energy", "--json", str(json_path), "--plot", str(png_path)])
     out, err = capsys.readouterr()
@@ -89,12 +107,13 @@ def test_tiny_real_bench_writes_consistent_json_and_a_png(tmp_path, no_rapl, cap
     (config,) = doc["configurations"]
     result = config["result"]
     assert result["error"] is None and result["describe"]["dtype"] == "float32"
-    latency, rollout = result["workloads"]
-    for workload, num_prompts in ((latency, 1), (rollout, 2)):
+    latency, rollout, long = result["workloads"]
+    for workload, num_prompts in ((latency, 1), (rollout, 2), (long, 1)):
         (run,) = workload["runs"]
         assert run["generated_tokens"] == num_prompts * 8  # ignore_eos: exactly prompts x max_tokens
         assert [r["generated_tokens"] for r in run["requests"]] == [8] * num_prompts
-        assert all(50 <= r["prompt_tokens"] <= 70 for r in run["requests"])
+        low, high = (980, 1020) if workload is long else (50, 70)
+        assert all(low <= r["prompt_tokens"] <= high for r in run["requests"])
         assert run["tok_s"] == pytest.approx(run["generated_tokens"] / run["seconds"])
         assert run["cpu_seconds_per_token"] == pytest.approx(run["cpu_seconds"] / run["generated_tokens"])
         assert run["joules"] is None and run["cpu_seconds"] > 0
@@ -104,8 +123,10 @@ def test_tiny_real_bench_writes_consistent_json_and_a_png(tmp_path, no_rapl, cap
     (lat_request,) = latency["runs"][0]["requests"]
     assert latency["runs"][0]["decode_tok_s"] == pytest.approx(1 / lat_request["tpot_s"])
     rows = doc["rows"]
-    assert [r["workload"] for r in rows] == ["latency", "rollout"]
+    assert [r["workload"] for r in rows] == ["latency", "rollout", "long_prompt"]
     assert rows[1]["tok_s_mean"] == pytest.approx(rollout["runs"][0]["tok_s"]) and rows[1]["tok_s_std"] == 0.0
+    assert rows[2]["metric"] == "ttft" and rows[2]["ttft_ms"] == pytest.approx(long["runs"][0]["ttft_s_mean"] * 1e3)
+    assert f"{long['runs'][0]['ttft_s_mean']:.3f} ± 0.000 s (TTFT)" in out
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -375,6 +375,7 @@ def _run_step(runner, header: StepHeader) -> None:
     dist.broadcast(flat, src=0)
     input_ids, positions, meta = unpack_step(flat, header)
     with BatchInvariantMode() if runner.deterministic else contextlib.nullcontext():
+        runner.zero_new_blocks(meta.block_tables)
         hidden = runner.model(input_ids, positions, runner.kv_caches, meta, runner.backend)
         if header.sample_rows:
             runner.model.compute_logits(hidden[header.sample_rows])

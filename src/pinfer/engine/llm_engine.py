@@ -24,6 +24,7 @@ from pinfer.engine.scheduler import Scheduler
 from pinfer.engine.sequence import Sequence
 from pinfer.errors import InvalidRequestError, PinferError
 from pinfer.loading.loader import default_dtype, load_model, open_checkpoint, reload_model_weights
+from pinfer.model.packed_linear import can_pack, dense_weights, pack_linears
 from pinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, TokenLogprobs
 from pinfer.sampling_params import SamplingParams
 from pinfer.tools.trace import NULL_TRACER, LayerSpans, make_tracer
@@ -92,6 +93,11 @@ class LLMEngine:
             if self.tp_group is not None:
                 shard_model(model, rank=0, world_size=tp)
                 self.tp_group.wait_ready()
+            # Pre-packed oneDNN weights (model/packed_linear.py); not for the modes that need aten's matmuls.
+            self._pack_weights = (can_pack(self.device, self.dtype) and not config.deterministic and tp == 1
+                                  and config.quantization is None)
+            if self._pack_weights:
+                pack_linears(model)
         except BaseException:
             if self.tp_group is not None:
                 self.tp_group.shutdown()
@@ -104,7 +110,7 @@ class LLMEngine:
                                   config.block_size, num_blocks, config.attention_backend, config.deterministic,
                                   max_num_seqs=config.max_num_seqs, max_num_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, tracer=self.tracer,
-                                  tensor_parallel_size=tp, tp_group=self.tp_group)
+                                  tensor_parallel_size=tp, tp_group=self.tp_group, compile=config.compile)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           sliding_window=model.shared_sliding_window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -342,7 +348,8 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()  # the pool's contents are gone
         self.runner.release_kv_pool()
         if level == 2 and not self._released_weights:
-            self._released_weights = self.runner.release_weights()
+            with dense_weights(self.runner.model, repack=False):  # release_weights records the dense shapes
+                self._released_weights = self.runner.release_weights()
         self.sleeping = True
 
     def wake_up(self, reload_weights: bool = True) -> None:
@@ -364,6 +371,8 @@ class LLMEngine:
                 self._weights_pending = set()
             else:
                 self._weights_pending = self.runner.model.expected_weight_keys()
+            if self._pack_weights:  # without a reload, update_weights unpacks, writes and packs again
+                pack_linears(self.runner.model)
         self.sleeping = False
 
     def _refuse_with_tensor_parallel(self, what: str) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -134,6 +135,7 @@ class ModelRunner:
         tracer=NULL_TRACER,
         tensor_parallel_size: int = 1,
         tp_group: TensorParallelGroup | None = None,
+        compile: bool = False,  # torch.compile the sampler's plain-temperature path (sampling/sampler.py)
     ):
         self.model, self.config, self.dtype, self.device = model, config, dtype, device
         # Tensor parallelism: the model is this rank's shard and the pool holds this rank's KV heads.
@@ -144,14 +146,14 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.backend = get_attention_backend(attention_backend)
-        self.sampler = Sampler()
+        self.sampler = Sampler(compile=compile)
         self.kv_caches = self._allocate_kv_pool()
         self.buffers = StepBuffers(max_num_tokens, max_num_seqs, -(-max_model_len // block_size), device)
         self.tracer = tracer
 
     def release_kv_pool(self) -> None:
         """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
-        self.kv_caches = []
+        self.kv_caches, self._pool = [], None
         _return_freed_memory_to_os()
 
     def allocate_kv_pool(self) -> None:
@@ -173,9 +175,30 @@ class ModelRunner:
             params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
 
     def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
-        pool = torch.zeros((self.config.num_layers, 2, *shape), dtype=self.dtype, device=self.device)
-        return [(pool[i, 0], pool[i, 1]) for i in range(self.config.num_layers)]
+        shape = (self.config.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
+        if self.device.type == "cpu":
+            # Pages the process has not written cost no RSS, so a pool of kv_cache_memory bytes
+            # costs only the blocks in use: blocks are zeroed on first use (zero_new_blocks)
+            # instead of all at once. Zeroed, not left as they are: attention reads a page's
+            # unwritten slots and masks them, and garbage there could be NaN, which no mask hides.
+            self._pool = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._zeroed = np.zeros(self.num_blocks, dtype=bool)
+        else:
+            self._pool, self._zeroed = torch.zeros(shape, dtype=self.dtype, device=self.device), None
+        self.blocks_zeroed = 0  # blocks zeroed on first use so far (CPU)
+        return [(self._pool[i, 0], self._pool[i, 1]) for i in range(self.config.num_layers)]
+
+    def zero_new_blocks(self, block_tables: torch.Tensor) -> None:
+        """Zero the pool blocks of this step's tables that were never used (CPU pools only).
+        The bookkeeping is numpy on the host tables: no tensor work on steps without a new block."""
+        if self._zeroed is None:
+            return
+        ids = np.unique(block_tables.numpy())
+        fresh = ids[~self._zeroed[ids]]
+        if fresh.size:
+            self._pool[:, :, torch.from_numpy(fresh)] = 0
+            self._zeroed[fresh] = True
+            self.blocks_zeroed += int(fresh.size)
 
     # ---- inputs ---------------------------------------------------------------
 
@@ -277,6 +300,7 @@ class ModelRunner:
                                 meta.block_size, sample_rows, prompt_rows)
             with tracer.span("broadcast_step"):
                 self.tp_group.send_step(header, pack_step(input_ids, positions, meta))
+        self.zero_new_blocks(meta.block_tables)
         with BatchInvariantMode() if self.deterministic else contextlib.nullcontext():
             with self._forward_span(batch, meta) if tracer.enabled else contextlib.nullcontext():
                 hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)

@@ -39,6 +39,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trace", default=None, metavar="FILE",
                        help="write a Chrome Trace JSON of every engine step (open it in Perfetto)")
     group.add_argument("--trace-layers", action="store_true", help="with --trace: a span per decoder layer too")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the sampler's plain-temperature path (RL rollouts): faster sampling "
+                            "after a one-off compile")
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                        help="split each layer over this many worker processes (torch.distributed; default: 1)")
     group.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -53,7 +56,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
         deterministic=args.deterministic, quantization=args.quantization, trace_file=args.trace,
         trace_layers=args.trace_layers, tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size,
+        data_parallel_size=args.data_parallel_size, compile=args.compile,
     )
 
 
@@ -182,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Each tool registers its own subcommand; heavy imports happen only when it runs.
     from pinfer.serving.cli import add_serve_parser
     from pinfer.tools.bench import add_bench_parser
+    from pinfer.tools.bench_scaling import add_scaling_parser
     from pinfer.tools.convert import add_convert_parser
     from pinfer.tools.inspect import add_inspect_parser
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_scaling_parser(sub)
     add_inspect_parser(sub)
     add_convert_parser(sub)
     return parser

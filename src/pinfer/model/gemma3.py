@@ -20,7 +20,7 @@ from torch import nn
 
 from pinfer.config import ModelConfig, RopeConfig
 from pinfer.errors import UnsupportedArchitectureError
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_kv
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_and_attend
 from pinfer.model.layers.rotary import RotaryEmbedding
 from pinfer.model.llama import LlamaForCausalLM
 
@@ -81,12 +81,7 @@ class Gemma3Attention(nn.Module):
         k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if self.sliding_window is not None:
-            out = backend.forward(q, k_cache, v_cache, meta, self.scale, sliding_window=self.sliding_window)
-        else:
-            out = backend.forward(q, k_cache, v_cache, meta, self.scale)
+        out = store_and_attend(q, k, v, kv_cache, meta, backend, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -17,10 +17,11 @@ from torch import nn
 
 from pinfer.config import ModelConfig
 from pinfer.errors import ModelLoadError
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_kv
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_and_attend
 from pinfer.model.layers.norm import RMSNorm
 from pinfer.model.layers.rotary import RotaryEmbedding
 from pinfer.model.moe import SparseMoeBlock
+from pinfer.model.packed_linear import dense_weights
 
 
 class Attention(nn.Module):
@@ -52,9 +53,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = backend.forward(q, k_cache, v_cache, meta, self.scale, sliding_window=self.sliding_window)
+        out = store_and_attend(q, k, v, kv_cache, meta, backend, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -131,16 +130,17 @@ class LlamaForCausalLM(nn.Module):
         checkpoint (streamed, one tensor at a time) and for live weight updates
         (validate_first: check every name and shape before changing anything).
         """
-        params = dict(self.named_parameters())
-        targets = ((self._destination(params, hf_name, tensor), tensor) for hf_name, tensor in weights)
-        if validate_first:
-            targets = list(targets)  # every name and shape resolved (and checked) before any copy
-        loaded: set[str] = set()
-        for found, tensor in targets:
-            if found is not None:
-                keys, dest = found
-                dest.copy_(tensor)
-                loaded |= keys
+        with dense_weights(self):  # pre-packed linears (model/packed_linear.py): unpack, write, pack
+            params = dict(self.named_parameters())
+            targets = ((self._destination(params, hf_name, tensor), tensor) for hf_name, tensor in weights)
+            if validate_first:
+                targets = list(targets)  # every name and shape resolved (and checked) before any copy
+            loaded: set[str] = set()
+            for found, tensor in targets:
+                if found is not None:
+                    keys, dest = found
+                    dest.copy_(tensor)
+                    loaded |= keys
         return loaded
 
     def _destination(self, params: dict, hf_name: str, tensor: torch.Tensor) -> tuple[set[str], torch.Tensor] | None:

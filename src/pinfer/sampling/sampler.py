@@ -76,6 +76,8 @@ class SamplingBatch:
     max_top_k: int  # largest active top_k, 0 if none
     any_top_p: bool
     any_min_p: bool
+    any_processed: bool  # some row wants processed logprobs
+    all_processed: bool
 
     @property
     def num_rows(self) -> int:
@@ -148,6 +150,8 @@ class SamplingBatch:
             max_top_k=max([0, *top_k]) if needs_filtering else 0,
             any_top_p=needs_filtering and any(p < 1.0 for p in top_p),
             any_min_p=needs_filtering and any(p > 0.0 for p in min_p),
+            any_processed=any(processed),
+            all_processed=all(processed),
         )
 
     @classmethod
@@ -200,13 +204,24 @@ class Sampler:
 
     candidate_noise=False always draws noise over the whole vocabulary; the
     samples are the same, only slower (kept for tests and benchmarks).
+    compile=True: batches that only sample with a temperature (no cut-offs, bans or
+    penalties; RL rollouts) go through one torch.compile'd function, whose fused loops
+    make the same tokens and ranks as the eager path, and logprobs within float32 rounding.
     """
 
-    def __init__(self, candidate_noise: bool = True) -> None:
+    def __init__(self, candidate_noise: bool = True, compile: bool = False) -> None:
         self.candidate_noise = candidate_noise
+        self._plain_random = torch.compile(_plain_random_sample, dynamic=True) if compile else None
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (logits.shape, batch.num_rows)
+        if self._plain_random is not None and _is_plain_random(batch):
+            token_ids, chosen, ranks = self._plain_random(logits, batch.temperature, batch.seeds, batch.steps,
+                                                          batch.all_processed)
+            if batch.num_logprobs < 0:
+                return SamplerOutput(token_ids, None, None, None, None)
+            empty = chosen.new_empty((chosen.shape[0], 0))
+            return SamplerOutput(token_ids, chosen, token_ids.new_empty((chosen.shape[0], 0)), empty, ranks)
         raw = logits.float()  # may alias `logits`: never written to
         greedy = batch.temperature < GREEDY_TEMPERATURE
         x = _scaled_logits(raw, batch, greedy)  # steps 1-2
@@ -241,6 +256,27 @@ class Sampler:
                 return sampled if batch.all_random else torch.where(greedy, token_ids, sampled)
             token_ids[rows] = sampled
         return token_ids
+
+
+def _is_plain_random(batch: SamplingBatch) -> bool:
+    """Every row samples the whole vocabulary at its temperature, and wants at most the chosen
+    token's logprob, all rows in one mode (a python-only check: no device sync)."""
+    return (batch.all_random and not batch.needs_filtering and batch.banned_rows is None
+            and batch.logit_bias is None and batch.num_logprobs <= 0
+            and batch.any_processed == batch.all_processed)
+
+
+def _plain_random_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                         processed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gumbel-max over logits / T, the chosen token's logprob (raw, or processed = of logits / T)
+    and its rank: what Sampler.__call__ computes for such a batch, written to be fused."""
+    raw = logits.float()
+    x = raw / temperature.unsqueeze(1)
+    token_ids = counter_rng.add_gumbel(x, seeds, steps, x.shape[1]).argmax(dim=-1)
+    source = x if processed else raw
+    chosen = source.gather(1, token_ids.unsqueeze(1))
+    ranks = (source >= chosen).sum(dim=-1)
+    return token_ids, (chosen.squeeze(1) - torch.logsumexp(source, dim=-1)), ranks
 
 
 _ARGMAX_BLOCK = 256

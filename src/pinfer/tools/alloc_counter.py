@@ -28,7 +28,7 @@ Signature = tuple[str, tuple[int, ...], str]
 
 # Ops whose output aliases an input only through an input we do not see as a tensor
 # (lift_fresh's input is the fresh tensor torch.tensor() just built).
-_FRESH_OPS = ("aten::lift_fresh", "aten::lift_fresh_copy")
+FRESH_OPS = ("aten::lift_fresh", "aten::lift_fresh_copy")
 
 
 class AllocationCounter(TorchDispatchMode):
@@ -47,12 +47,12 @@ class AllocationCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._schema.name
-        inputs = {_storage_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        fresh = name in _FRESH_OPS
+        inputs = {storage_ptr(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        fresh = name in FRESH_OPS
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and (fresh or _storage_ptr(t) not in inputs):
+            if isinstance(t, torch.Tensor) and (fresh or storage_ptr(t) not in inputs):
                 self.count += 1
-                self.nbytes += t.untyped_storage().nbytes()
+                self.nbytes += 0 if t.is_mkldnn else t.untyped_storage().nbytes()
                 self.signatures[(name, tuple(t.shape), str(t.dtype))] += 1
         return out
 
@@ -66,8 +66,11 @@ class AllocationCounter(TorchDispatchMode):
         return sorted(self.signatures.items(), key=lambda item: -size(item[0]))[:n]
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def storage_ptr(t: torch.Tensor) -> int:
     # data_ptr of the storage, not the tensor: a view at an offset shares it. 0-byte storages all
     # have ptr 0, which would hide a fresh empty tensor behind an empty input; use the id then.
+    # Opaque tensors (oneDNN-packed weights) have no storage to look at: the id too.
+    if t.is_mkldnn:
+        return id(t)
     storage = t.untyped_storage()
     return storage.data_ptr() if storage.nbytes() else id(t)

@@ -4,6 +4,14 @@
     pinfer bench                                           # latency + rollout, default model and dtype
     pinfer bench --dtype float32,bfloat16 --energy --json out.json --plot out.png
     pinfer bench -w rollout --num-prompts 256 --repeats 5
+    pinfer bench -w serve --concurrency 16                 # streaming clients against `pinfer serve`
+    pinfer bench -e pinfer,transformers -w long_prompt     # TTFT of a ~1,000-token prompt
+
+Workloads (workloads.py): latency (batch 1, decode tok/s), rollout (64 sampled
+prompts with logprobs, total tok/s), serve (--concurrency streaming clients of the
+openai package against a `pinfer serve` started with the same configuration: total
+tok/s, TTFT / TPOT / ITL percentiles, the server's peak RSS and CPU time), long_prompt
+(TTFT in seconds of one ~1,000-token prompt). EOS is ignored in all of them.
 
 Comma-separated values of --model, --dtype, --quantization, --attention-backend,
 --max-num-seqs and --threads make one configuration per combination. Each
@@ -63,9 +71,15 @@ def add_bench_parser(subparsers) -> None:
                       help="torch intra-op threads (default: torch's own, one per usable core)")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", "-w", default="latency,rollout",
-                       help=f"comma-separated, from {', '.join(WORKLOAD_NAMES)} (default: both)")
-    bench.add_argument("--num-prompts", type=int, default=64, help="rollout prompts (default: 64)")
-    bench.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default: 128)")
+                       help=f"comma-separated, from {', '.join(WORKLOAD_NAMES)} (default: latency,rollout); "
+                            "serve runs clients against a `pinfer serve` of each configuration (not applicable "
+                            "to the transformers peer), long_prompt reports TTFT in seconds")
+    bench.add_argument("--num-prompts", type=int, default=64, help="rollout and serve prompts (default: 64)")
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="new tokens per request (default: 128; long_prompt: 16)")
+    bench.add_argument("--concurrency", "-c", type=int, default=16,
+                       help="serve: streaming clients, each sending its next prompt when its request finished "
+                            "(default: 16)")
     bench.add_argument("--repeats", "-r", type=int, default=3, help="measured runs per workload (default: 3)")
     bench.add_argument("--warmup-tokens", type=int, default=32,
                        help="the warm-up run generates at most this many tokens per prompt; 0: no warm-up "
@@ -105,11 +119,12 @@ def workload_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if unknown or not names:
         raise PinferError(f"unknown workload {', '.join(unknown) or '(none)'}; choose from {', '.join(WORKLOAD_NAMES)}")
     for flag, value, low in (("--repeats", args.repeats, 1), ("--num-prompts", args.num_prompts, 1),
-                             ("--max-tokens", args.max_tokens, 1), ("--warmup-tokens", args.warmup_tokens, 0)):
+                             ("--max-tokens", args.max_tokens, 1), ("--warmup-tokens", args.warmup_tokens, 0),
+                             ("--concurrency", args.concurrency, 1)):
         if value is not None and value < low:
             raise PinferError(f"{flag} must be >= {low}, got {value}")
-    return [{"name": w, "max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "seed": args.seed}
-            for w in names]
+    return [{"name": w, "max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "seed": args.seed,
+             "concurrency": args.concurrency} for w in names]
 
 
 def run_worker(spec: dict[str, Any], workdir: Path, index: int) -> dict[str, Any]:
@@ -175,19 +190,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(rows, args.plot, title=f"pinfer bench on {machine['cpu_model']} ({machine['usable_cpus']} CPUs{vm})")
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 1 if any(r.error for r in rows) else 0
+    return 1 if any(r.error and not r.not_applicable for r in rows) else 0
 
 
 def _rows(spec: dict[str, Any], result: dict[str, Any]) -> list:
-    from pinfer.tools.bench_report import Row, summarize
+    from pinfer.tools.bench_report import describe_spec, error_row, summarize
 
     if not result["error"]:
+        for w in result["workloads"]:
+            if w.get("error") and not w.get("not_applicable"):
+                print(f"  {w['workload']} failed: {w['error']}", file=sys.stderr)
         return [summarize(result["describe"], w) for w in result["workloads"]]
     print(f"  failed: {result['error']}", file=sys.stderr)
-    e = spec["engine"]
-    return [Row(engine=spec["runner"], model=e["model"], dtype=str(e["dtype"]), quantization=e["quantization"] or "none",
-                threads=spec["threads"], attention_backend=e["attention_backend"], max_num_seqs=e["max_num_seqs"],
-                workload=w["name"], metric="", error=result["error"]) for w in spec["workloads"]]
+    return [error_row(describe_spec(spec), w["name"], "", result["error"]) for w in spec["workloads"]]
 
 
 def _document(args: argparse.Namespace, machine: dict, probe: energy.RaplProbe | None, rows: list,

@@ -63,9 +63,14 @@ def _pinfer_version() -> str:
     return pinfer.__version__
 
 
+# The run record's key (bench_worker.run_record) of each metric's headline number.
+HEADLINE_KEYS = {"decode": "decode_tok_s", "total": "tok_s", "ttft": "ttft_s_mean"}
+
+
 @dataclass
 class Row:
-    """One (configuration, workload): means and sample stddevs over the measured runs."""
+    """One (configuration, workload): means and sample stddevs over the measured runs
+    (a percentile is the mean of the runs' percentiles)."""
 
     model: str
     dtype: str
@@ -74,17 +79,36 @@ class Row:
     attention_backend: str
     max_num_seqs: int | None  # None: a peer without a sequence cap
     workload: str
-    metric: str  # which tok/s is the headline: "decode" or "total"
+    metric: str  # the headline: "decode" or "total" tok/s, or "ttft" seconds (workloads.Workload.metric)
     repeats: int = 0
     tok_s_mean: float | None = None
     tok_s_std: float | None = None
     ttft_ms: float | None = None
     tpot_ms: float | None = None
-    peak_rss_mib: float | None = None
+    peak_rss_mib: float | None = None  # a served workload's: the server process's
     joules_per_token: float | None = None
     cpu_seconds_per_token: float | None = None
     error: str | None = None
     engine: str = "pinfer"  # which runner (bench_runners.RUNNERS)
+    ttft_ms_std: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    itl_p50_ms: float | None = None  # streamed (served) requests only
+    itl_p99_ms: float | None = None
+    concurrency: int | None = None  # streaming clients of a served workload; None: offline
+    not_applicable: bool = False  # with error: the engine cannot run this workload (not a failure)
+
+    def headline(self) -> tuple[float | None, float | None]:
+        """(mean, stddev) of the headline number: tok/s, or seconds for the "ttft" metric."""
+        if self.metric == "ttft":
+            return _scaled(self.ttft_ms, 1e-3), _scaled(self.ttft_ms_std, 1e-3)
+        return self.tok_s_mean, self.tok_s_std
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -94,22 +118,48 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def describe_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A configuration as it was asked for (nothing resolved), for the rows of what did not run."""
+    e = spec["engine"]
+    return {"engine": spec.get("runner", "pinfer"), "model": e["model"], "dtype": str(e["dtype"]),
+            "quantization": e["quantization"] or "none", "threads": spec.get("threads"),
+            "attention_backend": e["attention_backend"], "max_num_seqs": e["max_num_seqs"]}
+
+
+def error_row(config: dict[str, Any], workload: str, metric: str, error: str, not_applicable: bool = False) -> Row:
+    """config: a result's "describe" (or describe_spec); a row that says why there are no numbers."""
+    return Row(engine=config.get("engine", "pinfer"), model=config["model"], dtype=config["dtype"],
+               quantization=config["quantization"], threads=config["threads"],
+               attention_backend=config["attention_backend"], max_num_seqs=config["max_num_seqs"],
+               workload=workload, metric=metric, error=error, not_applicable=not_applicable)
+
+
 def summarize(config: dict[str, Any], workload: dict[str, Any]) -> Row:
     """config: a result's "describe"; workload: one entry of its "workloads"."""
+    if workload.get("error"):
+        return error_row(config, workload["workload"], workload["metric"], workload["error"],
+                         workload.get("not_applicable", False))
     runs = workload["runs"]
-    rate_key = "decode_tok_s" if workload["metric"] == "decode" else "tok_s"
+
+    def mean(key: str, scale: float = 1.0) -> float | None:
+        return _scaled(_mean_std([r.get(key) for r in runs])[0], scale)
+
+    rate_key = "decode_tok_s" if workload["metric"] == "decode" else "tok_s"  # ttft: its tok/s too, not headline
     tok_s_mean, tok_s_std = _mean_std([r[rate_key] for r in runs])
-    ttft, _ = _mean_std([r["ttft_s_mean"] for r in runs])
-    tpot, _ = _mean_std([r["tpot_s_mean"] for r in runs])
-    joules, _ = _mean_std([r.get("joules_per_token") for r in runs])
-    cpu, _ = _mean_std([r.get("cpu_seconds_per_token") for r in runs])
+    ttft, ttft_std = _mean_std([r["ttft_s_mean"] for r in runs])
+    peak = workload["peak_rss_bytes"]
     return Row(
         engine=config.get("engine", "pinfer"), model=config["model"], dtype=config["dtype"], quantization=config["quantization"],
         threads=config["threads"], attention_backend=config["attention_backend"],
         max_num_seqs=config["max_num_seqs"], workload=workload["workload"], metric=workload["metric"],
         repeats=len(runs), tok_s_mean=tok_s_mean, tok_s_std=tok_s_std,
-        ttft_ms=None if ttft is None else ttft * 1e3, tpot_ms=None if tpot is None else tpot * 1e3,
-        peak_rss_mib=workload["peak_rss_bytes"] / 2**20, joules_per_token=joules, cpu_seconds_per_token=cpu,
+        ttft_ms=_scaled(ttft, 1e3), ttft_ms_std=_scaled(ttft_std, 1e3), tpot_ms=mean("tpot_s_mean", 1e3),
+        peak_rss_mib=None if peak is None else peak / 2**20, joules_per_token=mean("joules_per_token"),
+        cpu_seconds_per_token=mean("cpu_seconds_per_token"),
+        ttft_p50_ms=mean("ttft_s_p50", 1e3), ttft_p99_ms=mean("ttft_s_p99", 1e3),
+        tpot_p50_ms=mean("tpot_s_p50", 1e3), tpot_p99_ms=mean("tpot_s_p99", 1e3),
+        itl_p50_ms=mean("itl_s_p50", 1e3), itl_p99_ms=mean("itl_s_p99", 1e3),
+        concurrency=workload.get("concurrency"),
     )
 
 
@@ -127,13 +177,18 @@ def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
     if len({r.max_num_seqs for r in rows}) > 1:
         columns.append(("max seqs", ">", lambda r: "" if r.max_num_seqs is None else str(r.max_num_seqs)))
     columns += [
-        ("workload", "<", lambda r: r.workload),
-        ("tok/s", ">", lambda r: f"failed: {r.error}" if r.error else
-         f"{_num(r.tok_s_mean, 2)} ± {_num(r.tok_s_std, 2)}" + (" (decode)" if r.metric == "decode" else "")),
+        ("workload", "<", lambda r: f"{r.workload} ({r.concurrency} clients)" if r.concurrency else r.workload),
+        ("tok/s", ">", _headline_cell),
         ("TTFT ms", ">", lambda r: _num(r.ttft_ms, 1)),
         ("TPOT ms", ">", lambda r: _num(r.tpot_ms, 1)),
-        ("peak RSS MiB", ">", lambda r: _num(r.peak_rss_mib, 0)),
     ]
+    if any(r.concurrency for r in rows):  # a served workload: the tails matter
+        columns += [
+            ("TTFT p50/p99 ms", ">", lambda r: _pair(r.ttft_p50_ms, r.ttft_p99_ms, 0)),
+            ("TPOT p50/p99 ms", ">", lambda r: _pair(r.tpot_p50_ms, r.tpot_p99_ms, 1)),
+            ("ITL p50/p99 ms", ">", lambda r: _pair(r.itl_p50_ms, r.itl_p99_ms, 1)),
+        ]
+    columns.append(("peak RSS MiB", ">", lambda r: _num(r.peak_rss_mib, 0)))
     if energy and rapl:
         columns.append(("J/tok", ">", lambda r: _num(r.joules_per_token, 3)))
     if energy:
@@ -148,18 +203,32 @@ def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
     return "\n".join([line([h for h, _, _ in columns]), rule] + [line(c) for c in cells])
 
 
+def _headline_cell(r: Row) -> str:
+    if r.error:
+        return f"{'n/a' if r.not_applicable else 'failed'}: {r.error}"
+    mean, std = r.headline()
+    if r.metric == "ttft":
+        return f"{_num(mean, 3)} ± {_num(std, 3)} s (TTFT)"
+    return f"{_num(mean, 2)} ± {_num(std, 2)}" + (" (decode)" if r.metric == "decode" else "")
+
+
+def _pair(a: float | None, b: float | None, digits: int) -> str:
+    return "" if a is None and b is None else f"{_num(a, digits)} / {_num(b, digits)}"
+
+
 def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
 def plot(rows: list[Row], path: str | Path, title: str) -> None:
-    """Bar chart of the headline tok/s (± stddev) per configuration, one panel per workload."""
+    """Bar chart of the headline number (± stddev) per configuration, one panel per workload:
+    tok/s, or seconds for a TTFT workload."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.tok_s_mean is not None]
+    rows = [r for r in rows if r.headline()[0] is not None]
     workloads = list(dict.fromkeys(r.workload for r in rows))
     if not workloads:
         raise ValueError("nothing to plot: every configuration failed")
@@ -168,11 +237,12 @@ def plot(rows: list[Row], path: str | Path, title: str) -> None:
     for ax, name in zip(axes[0], workloads):
         subset = [r for r in rows if r.workload == name]
         labels = ["\n".join(str(getattr(r, f)) for f in varying) or r.model for r in subset]
-        ax.bar(range(len(subset)), [r.tok_s_mean for r in subset], yerr=[r.tok_s_std for r in subset],
-               capsize=4, color="tab:blue")
+        ttft = subset[0].metric == "ttft"
+        ax.bar(range(len(subset)), [r.headline()[0] for r in subset], yerr=[r.headline()[1] for r in subset],
+               capsize=4, color="tab:orange" if ttft else "tab:blue")
         ax.set_xticks(range(len(subset)), labels)
-        ax.set_title(f"{name} ({subset[0].metric} tok/s)")
-        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{name} (TTFT s, lower is better)" if ttft else f"{name} ({subset[0].metric} tok/s)")
+        ax.set_ylabel("seconds" if ttft else "tokens / s")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

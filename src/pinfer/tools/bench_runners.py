@@ -129,4 +129,11 @@ def _transformers_runner(spec: dict[str, Any]) -> Runner:
     return TransformersRunner(spec)
 
 
-RUNNERS: dict[str, Callable[[dict[str, Any]], Runner]] = {"pinfer": PinferRunner, "transformers": _transformers_runner}
+def _llamacpp_runner(spec: dict[str, Any]) -> Runner:
+    from pinfer.tools.bench_llamacpp import LlamaCppRunner  # imports llama_cpp only when asked for
+
+    return LlamaCppRunner(spec)
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any]], Runner]] = {
+    "pinfer": PinferRunner, "transformers": _transformers_runner, "llama.cpp": _llamacpp_runner}

@@ -6,8 +6,15 @@
   template, the same list for the same seed on every run and machine), 128 new
   tokens each, temperature 1.0, per-token logprobs returned. Measures total
   generated tok/s.
+- serve: the rollout prompts sent to a running OpenAI-compatible server by 16
+  concurrent streaming clients (closed loop: a client sends its next prompt when
+  its previous one finishes), 128 new tokens each, temperature 1.0, a seed per
+  request. Measures total generated tok/s and TTFT / TPOT percentiles.
+- long_prompt: one ~1,000-token chat prompt (a survey log built from fixed
+  sentence templates, the same text on every run), 16 new tokens, greedy.
+  Measures time to first token, i.e. the prefill of a long prompt.
 
-EOS is ignored in both, so every run generates exactly prompts x max_tokens tokens.
+EOS is ignored in all of them, so every run generates exactly prompts x max_tokens tokens.
 """
 
 from __future__ import annotations
@@ -33,9 +40,13 @@ class Workload:
     logprobs: bool  # return the chosen token's logprob at every step
     ignore_eos: bool
     seed: int  # request i samples with seed + i
-    # The headline tok/s: "decode" = (tokens - 1) / (last token - first token) of each
-    # request (batch 1), "total" = all generated tokens / wall time of the batch.
-    metric: Literal["decode", "total"]
+    # The headline number: "decode" = (tokens - 1) / (last token - first token) of each
+    # request (batch 1), "total" = all generated tokens / wall time of the batch,
+    # "ttft" = mean time to first token in seconds (lower is better).
+    metric: Literal["decode", "total", "ttft"]
+    # None: every request is handed to the engine at once (offline). N: N streaming clients
+    # against a server, each sending its next request when the previous one finished.
+    concurrency: int | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -45,20 +56,32 @@ class Workload:
         return replace(self, max_tokens=max_tokens)
 
 
-WORKLOAD_NAMES = ("latency", "rollout")
+WORKLOAD_NAMES = ("latency", "rollout", "serve", "long_prompt")
 
 
-def make_workload(name: str, max_tokens: int | None = None, num_prompts: int = 64, seed: int = 0) -> Workload:
-    """A workload by name; max_tokens None keeps its default (128)."""
+def make_workload(name: str, max_tokens: int | None = None, num_prompts: int = 64, seed: int = 0,
+                  concurrency: int = 16) -> Workload:
+    """A workload by name; max_tokens None keeps its default (128; long_prompt: 16).
+    num_prompts is for rollout and serve, concurrency for serve only."""
     if name == "latency":
         return Workload("latency", (({"role": "user", "content": LATENCY_PROMPT},),),
                         max_tokens or 128, temperature=0.0, logprobs=False, ignore_eos=True, seed=seed,
                         metric="decode")
     if name == "rollout":
-        conversations = tuple(({"role": "user", "content": p},) for p in arithmetic_prompts(num_prompts, seed))
-        return Workload("rollout", conversations, max_tokens or 128, temperature=1.0, logprobs=True,
-                        ignore_eos=True, seed=seed, metric="total")
+        return Workload("rollout", _user_turns(arithmetic_prompts(num_prompts, seed)), max_tokens or 128,
+                        temperature=1.0, logprobs=True, ignore_eos=True, seed=seed, metric="total")
+    if name == "serve":
+        return Workload("serve", _user_turns(arithmetic_prompts(num_prompts, seed)), max_tokens or 128,
+                        temperature=1.0, logprobs=False, ignore_eos=True, seed=seed, metric="total",
+                        concurrency=concurrency)
+    if name == "long_prompt":
+        return Workload("long_prompt", _user_turns([long_prompt()]), max_tokens or 16, temperature=0.0,
+                        logprobs=False, ignore_eos=True, seed=seed, metric="ttft")
     raise ValueError(f"unknown workload {name!r}; choose from: {', '.join(WORKLOAD_NAMES)}")
+
+
+def _user_turns(prompts: list[str]) -> tuple[tuple[Message, ...], ...]:
+    return tuple(({"role": "user", "content": p},) for p in prompts)
 
 
 NAMES = ("Maria", "Tom", "Aisha", "Kenji", "Lucia", "Omar", "Priya", "Sven", "Chen", "Amara", "Diego", "Noor")
@@ -86,3 +109,33 @@ def arithmetic_prompts(count: int, seed: int = 0) -> list[str]:
         prompts.append(template.format(a=a, b=b, x=rng.randint(20, 400), y=rng.randint(2, 19),
                                        z=rng.randint(2, 19), w=rng.randint(2, 19)))
     return prompts
+
+
+_PLACES = ("North Ridge", "Willow Creek", "Stone Harbour", "Elm Hollow", "Cedar Point", "Red Mill")
+_WINDS = ("north", "north-east", "east", "south", "south-west", "west")
+_NOTES = (
+    "On day {d} the {p} station logged {x} millimetres of rain, a high of {t} degrees and a wind from the {w}.",
+    "{a} checked the gauges at {p} on day {d}, replaced a cracked sensor and counted {x} walkers on the trail.",
+    "The ferry at {p} made {y} crossings on day {d}; {a} counted {x} passengers and {z} bicycles on board.",
+    "A delivery of {x} seedlings reached {p} on day {d}, and {a} planted {y} rows of them before dusk.",
+    "On day {d} {a} and {b} mended {x} metres of fence near {p} and found {z} nests in the hedge beside it.",
+    "The school at {p} took {y} classes to the river on day {d}, where {a} showed them {z} kinds of fish.",
+)
+# 29 daily notes: 1,002 tokens with SmolLM2's chat template (~33 a line; other English
+# tokenizers land within a few percent). Real text, not random ids, so it tokenizes alike
+# everywhere and no engine sees an out-of-distribution prompt.
+LONG_PROMPT_DAYS = 29
+
+
+def long_prompt(days: int = LONG_PROMPT_DAYS) -> str:
+    """A long document plus a question about it: the same text every time (a fixed seed)."""
+    rng = random.Random(0)
+    notes = []
+    for day in range(1, days + 1):
+        a, b = rng.sample(NAMES, 2)
+        notes.append(rng.choice(_NOTES).format(
+            d=day, p=rng.choice(_PLACES), w=rng.choice(_WINDS), a=a, b=b, x=rng.randint(20, 400),
+            y=rng.randint(2, 19), z=rng.randint(2, 19), t=rng.randint(8, 31)))
+    return ("These are the field notes of a river valley survey, one line per day:\n\n" + "\n".join(notes)
+            + "\n\nWhich station logged the most rain, on which day, and who worked near it that week? "
+              "Answer in two sentences.")

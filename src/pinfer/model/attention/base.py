@@ -19,7 +19,8 @@ causal attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
     block_size: int
+    # Values a backend derives from this metadata once and reuses in every layer of the step
+    # (e.g. the paged decode's gather indices and mask), keyed by the backend.
+    step_cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -86,3 +90,19 @@ def store_kv(
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def store_and_attend(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    meta: AttentionMetadata,
+    backend: AttentionBackend,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """A layer's attention: write the new K/V into the pool, then attend over it."""
+    k_cache, v_cache = kv_cache
+    store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    return backend.forward(query, k_cache, v_cache, meta, scale, sliding_window=sliding_window)
