@@ -122,12 +122,11 @@ def test_sleep_releases_the_kv_pool_and_wake_up_restores_service(smollm2_gguf):
     llm = LLM(str(smollm2_gguf), dtype="float32", kv_cache_memory="768MiB")
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     before = llm.generate("The capital of France is", params, use_tqdm=False)[0].outputs[0].token_ids
-    rss_fresh = rss_bytes()
+    # Blocks are zeroed on first use (tests/engine/test_kv_pool_memory.py): touch them all, as
+    # if every block had been used, so that the whole pool is resident before sleeping.
     runner = llm.engine.runner
-    runner.zero_new_blocks(torch.arange(runner.num_blocks)[None])  # as if every block had been used
+    runner.zero_new_blocks(torch.arange(runner.num_blocks)[None])
     rss_awake = rss_bytes()
-    # Blocks are zeroed on first use: an untouched pool costs (almost) no RSS, a used one does.
-    assert rss_awake - rss_fresh > 600 * 2**20
     llm.engine.sleep()
     rss_asleep = rss_bytes()
     print(f"RSS awake {rss_awake / 2**20:.0f} MiB, asleep {rss_asleep / 2**20:.0f} MiB")
