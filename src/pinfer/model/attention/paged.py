@@ -241,7 +241,7 @@ class PagedAttention(AttentionBackend):
         if meta.is_pure_decode:
             return self._decode(
                 query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, scale, window,
-                meta,
+                meta.step_cache, "all rows",
             )
 
         out = torch.empty_like(query)
@@ -254,7 +254,7 @@ class PagedAttention(AttentionBackend):
             max_context_len = max(context_lens[i] for i in decode)
             out[rows] = self._decode(
                 query[rows], k_cache, v_cache, meta.block_tables[seqs], meta.context_lens[seqs], max_context_len, scale,
-                window,
+                window, meta.step_cache, "decode rows",
             )
         if not prefill:
             return out
@@ -302,18 +302,16 @@ class PagedAttention(AttentionBackend):
         context_lens: torch.Tensor,
         max_context_len: int,
         scale: float,
-        sliding_window: int | None = None,
-        meta: AttentionMetadata | None = None,  # pure-decode steps: its step_cache keeps the plan for every layer
+        sliding_window: int | None,
+        step_cache: dict,  # the step's AttentionMetadata.step_cache: the plan is made once for every layer
+        rows: str,  # which rows of the step these are ("all rows", "decode rows"): part of the cache key
     ) -> torch.Tensor:
-        plan = None
-        if meta is not None:
-            key = ("paged_decode_plan", sliding_window)
-            plan = meta.step_cache.get(key)
-            if plan is None:
-                plan = meta.step_cache[key] = decode_plan(block_tables, context_lens, max_context_len,
-                                                          k_cache.shape[1], sliding_window)
-        num_blocks = decode_blocks(max_context_len, k_cache.shape[1], sliding_window)
-        needed = 2 * query.shape[0] * num_blocks * k_cache[0].numel()
+        key = ("paged_decode_plan", rows, sliding_window)
+        plan = step_cache.get(key)
+        if plan is None:
+            plan = step_cache[key] = decode_plan(block_tables, context_lens, max_context_len, k_cache.shape[1],
+                                                 sliding_window)
+        needed = 2 * query.shape[0] * plan.num_blocks * k_cache[0].numel()
         ws = self._workspace
         if ws is None or ws.numel() < needed or ws.dtype != k_cache.dtype or ws.device != k_cache.device:
             # Grow with headroom: contexts grow by a block every block_size decode steps.
