@@ -369,12 +369,10 @@ def _build_runner(rank: int, spec: WorkerSpec):
 def _run_step(runner, header: StepHeader) -> None:
     """The worker's half of ModelRunner.execute: the same collectives in the same order
     (broadcast, forward, logits of the sampled rows, logits of the prompt rows)."""
-    from pinfer.model.batch_invariant import BatchInvariantMode
-
     flat = torch.empty(sum(header.sizes()), dtype=torch.long, device=runner.device)
     dist.broadcast(flat, src=0)
     input_ids, positions, meta = unpack_step(flat, header)
-    with BatchInvariantMode() if runner.deterministic else contextlib.nullcontext():
+    with runner.forward_context():
         runner.zero_new_blocks(meta.block_tables)
         hidden = runner.model(input_ids, positions, runner.kv_caches, meta, runner.backend)
         if header.sample_rows:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pinfer import kernels
 from pinfer.config import ModelConfig
 from pinfer.distributed.tensor_parallel import StepHeader, TensorParallelGroup, pack_step
 from pinfer.engine.scheduler import ScheduledSequence
@@ -143,6 +144,8 @@ class ModelRunner:
         self.num_kv_heads = config.num_kv_heads // tensor_parallel_size
         self.tp_group = tp_group
         self.deterministic = deterministic
+        # pinfer's CPU kernels (kernels/__init__.py): built on the first start on a machine, then cached.
+        self.cpu_kernels = device.type == "cpu" and not deterministic and kernels.load()
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.backend = get_attention_backend(attention_backend)
@@ -301,7 +304,7 @@ class ModelRunner:
             with tracer.span("broadcast_step"):
                 self.tp_group.send_step(header, pack_step(input_ids, positions, meta))
         self.zero_new_blocks(meta.block_tables)
-        with BatchInvariantMode() if self.deterministic else contextlib.nullcontext():
+        with self.forward_context():
             with self._forward_span(batch, meta) if tracer.enabled else contextlib.nullcontext():
                 hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
             sampled: list[SampledToken] = []
@@ -314,6 +317,11 @@ class ModelRunner:
             with tracer.span("prompt_logprobs") if prompt_rows else contextlib.nullcontext():
                 prompt_results = self._prompt_logprobs(hidden, prompt_rows, prompt_targets, prompt_spans)
         return StepResult(sampled, prompt_results)
+
+    def forward_context(self):
+        """Around the model's forward: deterministic mode's batch-invariant aten ops, or else
+        pinfer's CPU kernels (kernels/__init__.py) where they loaded."""
+        return BatchInvariantMode() if self.deterministic else kernels.active(self.cpu_kernels)
 
     def _forward_span(self, batch: list[ScheduledSequence], meta: AttentionMetadata):
         """The model forward's span: "decode" (every sequence feeds back its last sampled token),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinfer import kernels
 from pinfer.config import ModelConfig
 from pinfer.errors import ModelLoadError
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_and_attend
@@ -57,6 +58,14 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up projection [..., 2 * I] -> [..., I]."""
+    if kernels.usable(gate_up) and gate_up.is_contiguous():
+        return torch.ops.pinfer.silu_mul(gate_up)  # the same bits, one pass (kernels/cpu_ops.cpp)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused."""
 
@@ -68,8 +77,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -81,9 +89,17 @@ class DecoderLayer(nn.Module):
         # MoE models may interleave dense layers (decoder_sparse_step, mlp_only_layers).
         self.mlp = SparseMoeBlock(config, MLP) if config.is_moe_layer(layer_idx) else MLP(config)
 
-    def forward(self, hidden, positions, kv_cache, meta, backend) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, kv_cache, meta, backend)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, positions, kv_cache, meta, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous layer's MLP output, residual: the stream before it (None at the
+        first layer, whose input is the embedding). Returns the same pair for the next layer:
+        each residual add is fused with the norm after it (RMSNorm.add_and_norm)."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, kv_cache, meta, backend)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -113,10 +129,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:  # final hidden states [num_tokens, hidden]
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, positions, kv_cache, meta, backend)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, kv_cache, meta, backend)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

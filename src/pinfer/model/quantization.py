@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pinfer import kernels
 from pinfer.errors import ModelLoadError, PinferError
 
 QUANTIZATION_MODES = ("int8", "int4")
@@ -143,16 +144,28 @@ class Int8Linear(_QuantizedLinear):
         super().__init__(in_features, out_features, bias, batch_invariant)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
+        # Row sums of qweight, for the CPU kernel (kernels/cpu_ops.cpp int8_linear), kept with it.
+        self.register_buffer("qweight_sums", torch.zeros(out_features, dtype=torch.int32), persistent=False)
 
     def set_rows(self, offset: int, rows: torch.Tensor | Int8Weight) -> None:
         q = rows if isinstance(rows, Int8Weight) else quantize_int8(rows)
         end = offset + q.qweight.shape[0]
         self.qweight[offset:end] = q.qweight
         self.scale[offset:end] = q.scale
+        self.qweight_sums[offset:end] = q.qweight.sum(dim=1, dtype=torch.int32)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Per-row scales: a row's result never depends on the other rows, and the int32
         # sum is exact, so this is batch-invariant in every mode (no tiles needed).
+        if kernels.usable(x):
+            # The same ops fused (kernels/cpu_ops.cpp), so the same bits: for a few rows one
+            # VNNI kernel that streams the weight once, else quantize -> _int_mm -> rescale.
+            x = x.contiguous()
+            if x.shape[0] <= 4 and self.in_features % 64 == 0 and self.out_features % 4 == 0 \
+                    and kernels.has("int8_linear"):
+                return torch.ops.pinfer.int8_linear(x, self.qweight, self.qweight_sums, self.scale)
+            xq, x_scale = torch.ops.pinfer.quantize_rows(x)
+            return torch.ops.pinfer.dequantize_rows(torch._int_mm(xq, self.qweight.t()), x_scale, self.scale, x.dtype)
         x = x.float()
         x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         xq = torch.round(x / x_scale).to(torch.int8)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pinfer import kernels
 from pinfer.sampling import random as counter_rng
 from pinfer.sampling_params import SamplingParams
 
@@ -204,9 +205,10 @@ class Sampler:
 
     candidate_noise=False always draws noise over the whole vocabulary; the
     samples are the same, only slower (kept for tests and benchmarks).
-    compile=True: batches that only sample with a temperature (no cut-offs, bans or
-    penalties; RL rollouts) go through one torch.compile'd function, whose fused loops
-    make the same tokens and ranks as the eager path, and logprobs within float32 rounding.
+    Batches that only sample with a temperature (no cut-offs, bans or penalties; RL rollouts)
+    take a fused path: pinfer's CPU kernel where it is usable (kernels/), else with
+    compile=True one torch.compile'd function. Both make the same tokens and ranks as the
+    eager path, and logprobs within float32 rounding.
     """
 
     def __init__(self, candidate_noise: bool = True, compile: bool = False) -> None:
@@ -215,9 +217,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (logits.shape, batch.num_rows)
-        if self._plain_random is not None and _is_plain_random(batch):
-            token_ids, chosen, ranks = self._plain_random(logits, batch.temperature, batch.seeds, batch.steps,
-                                                          batch.all_processed)
+        use_kernel = kernels.usable(logits) and logits.is_contiguous()
+        if (use_kernel or self._plain_random is not None) and _is_plain_random(batch):
+            if use_kernel:
+                # The same computation in two passes per row (kernels/cpu_ops.cpp), the same tokens.
+                keys = counter_rng.row_keys(batch.seeds, batch.steps)
+                token_ids, chosen, ranks = torch.ops.pinfer.gumbel_sample(logits, batch.temperature, keys,
+                                                                          batch.all_processed)
+            else:
+                token_ids, chosen, ranks = self._plain_random(logits, batch.temperature, batch.seeds, batch.steps,
+                                                              batch.all_processed)
             if batch.num_logprobs < 0:
                 return SamplerOutput(token_ids, None, None, None, None)
             empty = chosen.new_empty((chosen.shape[0], 0))

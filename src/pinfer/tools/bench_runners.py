@@ -81,6 +81,7 @@ class PinferRunner:
             "device": str(engine.device),
             "max_num_seqs": config.max_num_seqs,
             "deterministic": config.deterministic,
+            "cpu_kernels": engine.runner.cpu_kernels,
             "kv_capacity_tokens": engine.kv_capacity_tokens,
         }
 

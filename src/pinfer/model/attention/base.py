@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pinfer import kernels
+
 
 @dataclass
 class AttentionMetadata:
@@ -87,6 +89,10 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens]
 ) -> None:
     """Write the new tokens' keys and values into their slots of the pool."""
+    if kernels.usable(key) and key.dtype == k_cache.dtype and key.stride(-1) == 1 and key.stride(-2) == key.shape[-1] \
+            and value.stride(-1) == 1 and value.stride(-2) == value.shape[-1]:
+        torch.ops.pinfer.store_kv(key, value, k_cache, v_cache, slot_mapping)  # one call, no dtype copies
+        return
     num_blocks, block_size = k_cache.shape[:2]
     k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))

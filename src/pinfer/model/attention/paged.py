@@ -18,6 +18,11 @@ Decode then gathers only the ceil(W / block_size) + 1 pages around each
 sequence's window, and per-sequence prefill skips the pages before its first
 query's window, so the cost no longer grows with the context.
 
+On the CPU, decode runs pinfer's own kernel when it is loaded (kernels/cpu_ops.cpp): it reads
+the pages in place through the block table, so there is no gather and no mask, and computes
+in float32 (measured, 2 cores, bf16: B=64 contexts 60-190 0.49 vs 1.35 ms per layer; B=1
+context 100 0.011 vs 0.085 ms). The SDPA path below is the fallback and the reference.
+
 Why SDPA: on CPU it is torch's flash-attention kernel, which accumulates and
 does the softmax in float32 for bf16 too, and it is the fastest option measured
 (2 Xeon cores, torch 2.13; decode of B=64, contexts 100-300, H=9, Hkv=3, D=64,
@@ -33,6 +38,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from pinfer import kernels
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata
 
 
@@ -306,6 +312,10 @@ class PagedAttention(AttentionBackend):
         step_cache: dict,  # the step's AttentionMetadata.step_cache: the plan is made once for every layer
         rows: str,  # which rows of the step these are ("all rows", "decode rows"): part of the cache key
     ) -> torch.Tensor:
+        if kernels.usable(query) and query.dtype == k_cache.dtype and query.shape[-1] % 16 == 0:
+            # Reads the pages in place through the block table: no gather, no mask (kernels/cpu_ops.cpp).
+            return torch.ops.pinfer.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
+                                                           sliding_window or 0)
         key = ("paged_decode_plan", rows, sliding_window)
         plan = step_cache.get(key)
         if plan is None:

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from pinfer import kernels
 from pinfer.config import RopeConfig
 
 
@@ -99,6 +100,12 @@ class RotaryEmbedding(nn.Module):
         self.sin = (freqs.sin() * scale).to(device)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [T, H, D], key [T, Hkv, D]; the kernel rotates them in place (callers pass fresh
+        projections), the PyTorch path returns new tensors."""
+        if (self.rotary_dim == self.head_dim and kernels.usable(query) and query.dtype == key.dtype
+                and query.stride(-1) == key.stride(-1) == 1 and query.stride(-2) == key.stride(-2) == self.head_dim):
+            torch.ops.pinfer.rotary_(query, key, self.cos, self.sin, positions)
+            return query, key
         cos = self.cos[positions].unsqueeze(1).to(query.dtype)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1).to(query.dtype)
         if self.rotary_dim < self.head_dim:  # partial: the tail of each head passes through unrotated

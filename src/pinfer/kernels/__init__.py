@@ -1,0 +1,137 @@
+"""pinfer's own CPU kernels (cpu_ops.cpp): fused RMSNorm (+ residual add), in-place RoPE and
+paged decode attention, as torch.ops.pinfer.*.
+
+Why: a profile of SmolLM2 decode on 2 cores put ~25% of a batch-64 step in SDPA plus the
+page gather, and at batch 1 a third of the time in the ~30 small aten ops per layer around
+the matmuls. The kernels replace those (numbers in the README); the matmuls stay oneDNN's.
+
+Built with torch's C++ extension loader (g++, -march=native) the first time an engine starts
+on a CPU, ~30 s, and cached per machine under $PINFER_CACHE/kernels (~/.cache/pinfer); later
+starts load the cached library. No compiler, no AVX-512, PINFER_CPU_KERNELS=0 or a failed
+build: a warning (for the failure) and the PyTorch path, which computes the same thing.
+
+The model code asks usable(x) before calling a kernel: true only inside `active()`, which
+the model runner enters around its forward except in deterministic mode (whose batch-invariant
+aten ops are the reference the trainer matches bit for bit), for float32 and bfloat16 CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+# -fopenmp: at::parallel_for is OpenMP, serial without it; -ffp-contract=off: no FMA where aten rounds twice
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+_DTYPES = (torch.float32, torch.bfloat16)
+
+_state: dict[str, object] = {"tried": False, "loaded": False, "reason": "not built yet"}
+_active: contextvars.ContextVar[bool] = contextvars.ContextVar("pinfer_cpu_kernels_active", default=False)
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("PINFER_CACHE", Path.home() / ".cache" / "pinfer")).expanduser()
+    return root / "kernels"
+
+
+def _build_key() -> str:
+    """The build is valid for this source, these flags, this torch and this CPU (-march=native)."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    text = "\n".join([SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, platform.machine(), cpu])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load() -> bool:
+    """Build (first time on this machine) or load the kernels; True if usable. Never raises."""
+    if _state["tried"]:
+        return bool(_state["loaded"])
+    _state["tried"] = True
+    if os.environ.get("PINFER_CPU_KERNELS", "1") == "0":
+        _state["reason"] = "disabled by PINFER_CPU_KERNELS=0"
+        return False
+    if platform.machine() not in ("x86_64", "AMD64"):
+        _state["reason"] = f"no kernels for {platform.machine()} (AVX-512 only)"
+        return False
+    try:
+        _build_or_load()
+    except Exception as error:  # no compiler, headers, ...: the PyTorch path still works
+        _state["reason"] = f"build failed: {type(error).__name__}: {str(error).strip().splitlines()[-1:]}"
+        warnings.warn(f"pinfer CPU kernels unavailable, using the PyTorch path ({_state['reason']})", stacklevel=2)
+        return False
+    if not torch.ops.pinfer.available():
+        _state["reason"] = "this CPU has no AVX-512"
+        return False
+    _state["loaded"], _state["reason"] = True, "loaded"
+    return True
+
+
+def _build_or_load() -> None:
+    directory = cache_dir() / _build_key()
+    library = directory / "pinfer_cpu_kernels.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+        return
+    from torch.utils.cpp_extension import load as load_extension
+
+    _put_ninja_on_path()
+    # Each process builds in its own folder and moves the result into place in one rename,
+    # so a process starting meanwhile (a test worker, a TP rank) never loads a half-written file.
+    build = directory / f"build-{os.getpid()}"
+    build.mkdir(parents=True, exist_ok=True)
+    logger.warning("compiling pinfer's CPU kernels (once per machine, ~30 s) into %s", directory)
+    load_extension("pinfer_cpu_kernels", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                   build_directory=str(build), is_python_module=False, verbose=False)
+    os.replace(build / library.name, library)
+    shutil.rmtree(build, ignore_errors=True)
+
+
+def _put_ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; the `ninja` dependency installs it next
+    to this interpreter, which is not on PATH when the venv is used without activating it."""
+    if shutil.which("ninja"):
+        return
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def status() -> str:
+    """Why the kernels are or are not in use (for `pinfer inspect`-style reports and errors)."""
+    return str(_state["reason"])
+
+
+@contextlib.contextmanager
+def active(enabled: bool = True) -> Iterator[None]:
+    """Let the model code use the kernels inside this block (if they loaded)."""
+    token = _active.set(enabled and bool(_state["loaded"]))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def has(op: str) -> bool:
+    """Whether the build has this op (int8_linear needs AVX512-VNNI)."""
+    key = f"has {op}"
+    if key not in _state:
+        _state[key] = bool(_state["loaded"]) and hasattr(torch.ops.pinfer, op)
+    return bool(_state[key])
+
+
+def usable(x: torch.Tensor) -> bool:
+    return _active.get() and x.device.type == "cpu" and x.dtype in _DTYPES

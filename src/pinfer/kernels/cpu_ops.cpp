@@ -1,0 +1,627 @@
+// pinfer's CPU kernels (AVX-512), registered as torch.ops.pinfer.*; see kernels/__init__.py.
+//
+// Each one fuses what takes several aten ops in the PyTorch path, and exists because a
+// profile showed that path's cost: small-batch decode is bound by per-op overhead and by
+// the weight reads of the matmuls, which oneDNN's bf16 GEMV does at about half the
+// machine's read bandwidth. Arithmetic is float32 throughout; bf16 values are rounded
+// (to nearest even) exactly where the PyTorch path rounds them, so that the norms, the
+// residual adds and RoPE give the same bits as that path, and the matmul and attention
+// differ from it only in summation order.
+//
+// Built with -march=native by kernels/__init__.py, once per machine; without AVX-512
+// the file still compiles and available() says false, and the engine keeps the PyTorch path.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define PINFER_AVX512 1
+#else
+#define PINFER_AVX512 0
+#endif
+
+namespace {
+
+bool available() { return PINFER_AVX512 == 1; }
+
+#if PINFER_AVX512
+
+using bf16 = at::BFloat16;
+
+// Sleef's vector exp and log, exported by libtorch_cpu: the ones aten's float ops use, so that
+// results computed with them here have aten's bits.
+extern "C" __m512 Sleef_expf16_u10(__m512);
+extern "C" __m512 Sleef_logf16_u10(__m512);
+
+// ---- 16 floats at a time --------------------------------------------------------------------
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16_masked(const bf16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN, as in c10::BFloat16.
+inline __m256i to_bf16_bits(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v)); }
+inline void store16_masked(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16_masked(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v)); }
+
+// The value a float takes once stored as T: rounding to bf16 between two ops, as aten does.
+inline __m512 round_as(__m512 v, const float*) { return v; }
+inline __m512 round_as(__m512 v, const bf16*) {
+  __m512i bits = _mm512_cvtepu16_epi32(to_bf16_bits(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, degree-6
+// Taylor polynomial; relative error ~2e-7, i.e. about float32's own.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// float32 and bf16 only (the dtypes the engine runs in); anything else fails the TORCH_CHECK.
+#define PINFER_DISPATCH(TYPE, NAME, ...)                                                   \
+  [&] {                                                                                   \
+    if ((TYPE) == at::kBFloat16) {                                                        \
+      using scalar_t = bf16;                                                              \
+      __VA_ARGS__();                                                                      \
+    } else {                                                                              \
+      TORCH_CHECK((TYPE) == at::kFloat, NAME ": float32 or bfloat16 only, got ", (TYPE)); \
+      using scalar_t = float;                                                             \
+      __VA_ARGS__();                                                                      \
+    }                                                                                     \
+  }()
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// ---- RMSNorm ----------------------------------------------------------------------------------
+// out = weight * T(x * rsqrt(mean(x^2) + eps)), x in float32: transformers' LlamaRMSNorm.
+// With a residual: residual = T(x + residual) first, and the norm is of the new residual.
+
+template <typename T>
+void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t dim, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * dim;
+      T* src = residual ? residual + r * dim : nullptr;
+      __m512 sq = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 m = tail_mask(dim - d);
+        __m512 v = load16_masked(xr + d, m);
+        if (src) {
+          v = round_as(_mm512_add_ps(v, load16_masked(src + d, m)), xr);
+          store16_masked(src + d, v, m);
+        }
+        sq = _mm512_fmadd_ps(v, v, sq);
+      }
+      const T* in = src ? src : xr;
+      // mean in float32 as aten's mean does it (sum, then divide), then rsqrt.
+      float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(dim) + static_cast<float>(eps));
+      __m512 inv_v = _mm512_set1_ps(inv);
+      for (int64_t d = 0; d < dim; d += 16) {
+        __mmask16 m = tail_mask(dim - d);
+        __m512 y = round_as(_mm512_mul_ps(load16_masked(in + d, m), inv_v), xr);
+        store16_masked(out + r * dim + d, _mm512_mul_ps(load16_masked(weight + d, m), y), m);
+      }
+    }
+  });
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type());
+  auto out = at::empty_like(x);
+  int64_t dim = x.size(-1), rows = x.numel() / dim;
+  PINFER_DISPATCH(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            rows, dim, eps);
+  });
+  return out;
+}
+
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type());
+  auto out = at::empty_like(x);
+  int64_t dim = x.size(-1), rows = x.numel() / dim;
+  PINFER_DISPATCH(x.scalar_type(), "add_rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), rows, dim, eps);
+  });
+  return out;
+}
+
+// ---- RoPE, "rotate half" layout, in place ------------------------------------------------------
+// x1' = x1*c - x2*s, x2' = x2*c + x1*s with c, s rounded to T first and every product and
+// sum rounded to T, as the aten ops of layers/rotary.py do in T.
+
+template <typename T>
+void rotate_heads(T* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride, const float* cos,
+                  const float* sin, const int64_t* positions) {
+  int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c_row = cos + positions[t] * half;
+      const float* s_row = sin + positions[t] * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* head = x + t * token_stride + h * head_dim;
+        for (int64_t d = 0; d < half; d += 16) {
+          __mmask16 m = tail_mask(half - d);
+          __m512 c = round_as(load16_masked(c_row + d, m), head);
+          __m512 s = round_as(load16_masked(s_row + d, m), head);
+          __m512 x1 = load16_masked(head + d, m), x2 = load16_masked(head + half + d, m);
+          __m512 a = _mm512_sub_ps(round_as(_mm512_mul_ps(x1, c), head), round_as(_mm512_mul_ps(x2, s), head));
+          __m512 b = _mm512_add_ps(round_as(_mm512_mul_ps(x2, c), head), round_as(_mm512_mul_ps(x1, s), head));
+          store16_masked(head + d, a, m);
+          store16_masked(head + half + d, b, m);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor& query, at::Tensor& key, const at::Tensor& cos, const at::Tensor& sin,
+             const at::Tensor& positions) {
+  // query [T, H, D], key [T, Hkv, D]: views of the fused qkv output (rows strided, heads contiguous)
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && key.stride(2) == 1 &&
+              key.stride(1) == key.size(2));
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat);
+  auto pos = positions.contiguous();
+  PINFER_DISPATCH(query.scalar_type(), "rotary_", [&] {
+    rotate_heads<scalar_t>(query.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0),
+                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
+    rotate_heads<scalar_t>(key.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0),
+                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
+  });
+}
+
+// ---- paged decode attention ------------------------------------------------------------------
+// One new token per sequence against its keys in the paged pool, read in place through the
+// block table (no gather). Work item: (sequence, kv head) with its G = H / Hkv query heads.
+
+constexpr int64_t kPrefetch = 16;  // positions ahead; measured best of 4, 8, 16, 32 (B=64 rollout)
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64)
+    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+}
+
+template <typename T>
+void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+                           const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                           double scale, int64_t window, int64_t q_stride) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t chunks = head_dim / 16;
+  const int64_t token_stride = num_kv_heads * head_dim;  // between positions of one block
+  const int64_t block_stride = block_size * token_stride;
+  // A work item is one sequence's span of kv heads: all of them when there are enough sequences
+  // to keep the threads busy, so each position's K/V row is read whole and in order (the heads
+  // of a position are adjacent in the pool); else one kv head, for parallelism at small batch.
+  const int64_t span = num_seqs >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t spans_per_seq = num_kv_heads / span;
+  const int64_t rows = span * group;  // query rows of an item: head h0 + r / group for row r
+  at::parallel_for(0, num_seqs * spans_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(rows * head_dim), acc(rows * head_dim), scores, inv_sum(rows);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / spans_per_seq, h0 = (item % spans_per_seq) * span;
+      const int64_t len = context_lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int64_t* table = block_tables + b * max_blocks;
+      scores.resize(rows * n);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* qr = q + b * q_stride + (h0 * group + r) * head_dim;
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(qf.data() + r * head_dim + c * 16, _mm512_mul_ps(load16(qr + c * 16), _mm512_set1_ps(scale)));
+      }
+      // The pages are cold (the layer's weights went through the caches since the last step)
+      // and scattered: fetch a few positions ahead, or the loop waits on each row's misses.
+      auto at_pos = [&](const T* cache, int64_t pos) {
+        return cache + table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
+      };
+      for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(k_cache, first + t), span * head_dim);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = first + t;
+        if (t + kPrefetch < n) prefetch_row(at_pos(k_cache, pos + kPrefetch), span * head_dim);
+        const T* kp = at_pos(k_cache, pos);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* kh = kp + (r / group) * head_dim;
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c)
+            dot = _mm512_fmadd_ps(load16(qf.data() + r * head_dim + c * 16), load16(kh + c * 16), dot);
+          scores[r * n + t] = _mm512_reduce_add_ps(dot);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* s = scores.data() + r * n;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < n; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - t), s + t));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 16) {
+          __mmask16 k = tail_mask(n - t);
+          __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
+          _mm512_mask_storeu_ps(s + t, k, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(v_cache, first + t), span * head_dim);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = first + t;
+        if (t + kPrefetch < n) prefetch_row(at_pos(v_cache, pos + kPrefetch), span * head_dim);
+        const T* vp = at_pos(v_cache, pos);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* vh = vp + (r / group) * head_dim;
+          const __m512 p = _mm512_set1_ps(scores[r * n + t]);
+          float* a = acc.data() + r * head_dim;
+          for (int64_t c = 0; c < chunks; ++c) store16(a + c * 16, _mm512_fmadd_ps(p, load16(vh + c * 16), load16(a + c * 16)));
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* o = out + (b * num_heads + h0 * group + r) * head_dim;
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(o + c * 16, _mm512_mul_ps(load16(acc.data() + r * head_dim + c * 16), _mm512_set1_ps(inv_sum[r])));
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t sliding_window) {
+  // query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && query.scalar_type() == k_cache.scalar_type());
+  TORCH_CHECK(query.size(2) % 16 == 0, "head_dim must be a multiple of 16");
+  // query rows may be strided (a view of the fused qkv output); the heads of a row must be packed
+  auto q = query.stride(2) == 1 && query.stride(1) == query.size(2) ? query : query.contiguous();
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  auto out = at::empty(q.sizes(), q.options());
+  PINFER_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
+    decode_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                    tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                                    q.size(0), q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1),
+                                    scale, sliding_window, q.stride(0));
+  });
+  return out;
+}
+
+// ---- sampling: Gumbel-max at a temperature, with the chosen token's logprob and rank -------
+// What sampling/sampler.py's _plain_random_sample computes, in two passes over each row
+// instead of ~20 aten passes over [B, V]: the counter-based noise of sampling/random.py bit
+// for bit (the same 32-bit hash, and Sleef's logf, which aten's log uses), so the same tokens;
+// the logsumexp sums in another order, so logprobs agree to float32 rounding.
+
+
+inline __m512i lowbias32(__m512i x, bool finish) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  if (finish) x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  return x;
+}
+
+// log(-log(u)) for the uniforms of random.uniform(): x - this is x + Gumbel noise.
+inline __m512 log_neg_log_uniform(__m512i key, __m512i token) {
+  __m512i token_hash = lowbias32(_mm512_xor_si512(token, _mm512_set1_epi32(static_cast<int32_t>(0x9E3779B9u))), true);
+  __m512i bits = lowbias32(_mm512_xor_si512(key, token_hash), false);
+  bits = _mm512_or_si512(_mm512_srli_epi32(bits, 9), _mm512_set1_epi32(0x3F800000));
+  __m512 u = _mm512_sub_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(1.0f - 5.9604644775390625e-08f));
+  return Sleef_logf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), Sleef_logf16_u10(u)));
+}
+
+template <typename T>
+void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const float* temperature, const int32_t* keys,
+                        bool processed, int64_t* token_ids, float* chosen_logprobs, int64_t* ranks) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = logits + r * vocab;
+      const __m512 t = _mm512_set1_ps(temperature[r]);
+      const __m512i key = _mm512_set1_epi32(keys[r]);
+      // pass 1: the noisy argmax (first maximum) and the max of the logprob source
+      __m512 best = _mm512_set1_ps(-INFINITY), source_max = _mm512_set1_ps(-INFINITY);
+      __m512i best_id = _mm512_setzero_si512();
+      for (int64_t v = 0; v < vocab; v += 16) {
+        __mmask16 m = tail_mask(vocab - v);
+        __m512 raw = load16_masked(row + v, m);
+        __m512 x = _mm512_div_ps(raw, t);
+        __m512i ids = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(v)));
+        __m512 score = _mm512_sub_ps(x, log_neg_log_uniform(key, ids));
+        __mmask16 better = _mm512_mask_cmp_ps_mask(m, score, best, _CMP_GT_OQ);  // strict: earlier ids win ties
+        best = _mm512_mask_mov_ps(best, better, score);
+        best_id = _mm512_mask_mov_epi32(best_id, better, ids);
+        source_max = _mm512_mask_max_ps(source_max, m, source_max, processed ? x : raw);
+      }
+      const float top = _mm512_reduce_max_ps(best);
+      const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+      const int32_t token = _mm512_mask_reduce_min_epi32(at_top, best_id);
+      const float mx = _mm512_reduce_max_ps(source_max);
+      const float chosen_raw = static_cast<float>(row[token]);
+      const float chosen = processed ? chosen_raw / temperature[r] : chosen_raw;
+      // pass 2: logsumexp of the source and the rank (how many tokens score >= the chosen one)
+      __m512 sum = _mm512_setzero_ps();
+      int64_t rank = 0;
+      for (int64_t v = 0; v < vocab; v += 16) {
+        __mmask16 m = tail_mask(vocab - v);
+        __m512 raw = load16_masked(row + v, m);
+        __m512 source = processed ? _mm512_div_ps(raw, t) : raw;
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, Sleef_expf16_u10(_mm512_sub_ps(source, _mm512_set1_ps(mx)))));
+        rank += __builtin_popcount(_mm512_mask_cmp_ps_mask(m, source, _mm512_set1_ps(chosen), _CMP_GE_OQ));
+      }
+      token_ids[r] = token;
+      chosen_logprobs[r] = chosen - (mx + std::log(_mm512_reduce_add_ps(sum)));
+      ranks[r] = rank;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_sample(const at::Tensor& logits, const at::Tensor& temperature,
+                                                             const at::Tensor& row_keys, bool processed) {
+  // logits [B, V]; temperature [B] float32 (> 0); row_keys [B] int32 (sampling/random.py row_keys)
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous());
+  auto temp = temperature.to(at::kFloat).contiguous();
+  auto keys = row_keys.contiguous();
+  TORCH_CHECK(keys.scalar_type() == at::kInt && temp.numel() == logits.size(0) && keys.numel() == logits.size(0));
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab < (int64_t{1} << 31), "vocabulary too large for 32-bit token ids");
+  auto token_ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto chosen = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto ranks = at::empty({rows}, logits.options().dtype(at::kLong));
+  PINFER_DISPATCH(logits.scalar_type(), "gumbel_sample", [&] {
+    gumbel_sample_rows<scalar_t>(logits.data_ptr<scalar_t>(), rows, vocab, temp.data_ptr<float>(),
+                                 keys.data_ptr<int32_t>(), processed, token_ids.data_ptr<int64_t>(),
+                                 chosen.data_ptr<float>(), ranks.data_ptr<int64_t>());
+  });
+  return {token_ids, chosen, ranks};
+}
+
+// ---- SwiGLU's silu(gate) * up -------------------------------------------------------------
+// gate_up [T, 2I] -> [T, I]; silu as aten computes it (x / (1 + exp(-x)) in float32, Sleef's
+// expf), rounded to T, then the product rounded to T: the bits of F.silu(gate) * up.
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = gate_up + r * 2 * width;
+      const T* up = gate + width;
+      for (int64_t d = 0; d < width; d += 16) {
+        __mmask16 m = tail_mask(width - d);
+        __m512 g = load16_masked(gate + d, m);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16_masked(out + r * width + d, _mm512_mul_ps(round_as(silu, gate), load16_masked(up + d, m)), m);
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0);
+  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / gate_up.size(-1);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = width;
+  auto out = at::empty(sizes, gate_up.options());
+  PINFER_DISPATCH(gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, width);
+  });
+  return out;
+}
+
+// ---- writing the new tokens' K and V into their pool slots ---------------------------------
+
+void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  // key/value [T, Hkv, D], rows may be strided (views of the qkv output); caches [blocks, block_size, Hkv, D]
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong);
+  const int64_t row = key.size(1) * key.size(2);
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+              value.stride(1) == value.size(2) && k_cache.size(2) * k_cache.size(3) == row);
+  auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1), bytes = row * key.element_size();
+  auto* k_src = static_cast<const char*>(key.data_ptr());
+  auto* v_src = static_cast<const char*>(value.data_ptr());
+  auto* k_dst = static_cast<char*>(k_cache.data_ptr());
+  auto* v_dst = static_cast<char*>(v_cache.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
+  for (int64_t t = 0; t < key.size(0); ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "store_kv: slot ", slot[t], " outside the pool");
+  at::parallel_for(0, key.size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(k_dst + slot[t] * bytes, k_src + t * k_stride, bytes);
+      std::memcpy(v_dst + slot[t] * bytes, v_src + t * v_stride, bytes);
+    }
+  });
+}
+
+// ---- int8 linears (model/quantization.py's Int8Linear) ----------------------------------------
+// w8a8 with per-row scales: x_scale = max|x_row| / 127, xq = round(x / x_scale) (half to even),
+// y = float(sum xq * w) * x_scale * w_scale, rounded to x's dtype: the same ops in the same
+// order as the PyTorch path (an int32 sum is exact), so the same bits.
+
+template <typename T>
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; k += 16)
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(load16_masked(x + k, tail_mask(k_dim - k))));
+  const float x_scale = std::max(_mm512_reduce_max_ps(mx), 1e-12f) / 127.0f;
+  const __m512 s = _mm512_set1_ps(x_scale);
+  for (int64_t k = 0; k < k_dim; k += 16) {
+    __mmask16 m = tail_mask(k_dim - k);
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16_masked(x + k, m), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(xq + k, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+  return x_scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous());
+  const int64_t rows = x.size(0), k_dim = x.size(1);
+  auto xq = at::empty({rows, k_dim}, x.options().dtype(at::kChar));
+  auto scales = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  PINFER_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        scales.data_ptr<float>()[r] = quantize_row(xp + r * k_dim, k_dim, xq.data_ptr<int8_t>() + r * k_dim);
+    });
+  });
+  return {xq, scales};
+}
+
+at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                           at::ScalarType dtype) {
+  // acc int32 [M, N] (torch._int_mm's result) -> float(acc) * x_scale[m] * w_scale[n], as dtype
+  TORCH_CHECK(acc.is_contiguous() && acc.scalar_type() == at::kInt && w_scale.is_contiguous() &&
+              w_scale.scalar_type() == at::kFloat && x_scale.scalar_type() == at::kFloat);
+  const int64_t rows = acc.size(0), n_dim = acc.size(1);
+  auto xs = x_scale.contiguous();
+  auto out = at::empty({rows, n_dim}, acc.options().dtype(dtype));
+  PINFER_DISPATCH(dtype, "dequantize_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int32_t* a = acc.data_ptr<int32_t>() + r * n_dim;
+        const __m512 s = _mm512_set1_ps(xs.data_ptr<float>()[r]);
+        for (int64_t n = 0; n < n_dim; n += 16) {
+          __mmask16 m = tail_mask(n_dim - n);
+          __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, a + n));
+          v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(m, w_scale.data_ptr<float>() + n));
+          store16_masked(op + r * n_dim + n, v, m);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+#if defined(__AVX512VNNI__)
+// Small M: quantize the rows, then int8 dot products with vpdpbusd, 4 weight rows x up to 4
+// input rows per register tile, the weight streamed from memory once. vpdpbusd multiplies
+// unsigned by signed bytes, so the input goes in as xq + 128 and 128 * sum(w_row) comes off.
+template <int MR>
+inline void int8_tile(const uint8_t* xu, int64_t k_dim, const int8_t* w, int32_t* dots) {
+  __m512i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < k_dim; k += 64) {
+    __m512i wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + j * k_dim + k);
+    for (int i = 0; i < MR; ++i) {
+      __m512i xv = _mm512_loadu_si512(xu + i * k_dim + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) dots[i * 4 + j] = _mm512_reduce_add_epi32(acc[i][j]);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& w_sums,
+                       const at::Tensor& w_scale) {
+  // x [M, K] (M <= 4), qweight int8 [N, K], w_sums int32 [N] = qweight.sum(1), w_scale float32 [N]
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) <= 4 && qweight.is_contiguous());
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == k_dim && k_dim % 64 == 0 && n_dim % 4 == 0, "int8_linear: K % 64, N % 4");
+  std::vector<uint8_t> xu(m_dim * k_dim);
+  std::vector<float> x_scale(m_dim);
+  std::vector<int8_t> xq(m_dim * k_dim);
+  PINFER_DISPATCH(x.scalar_type(), "int8_linear", [&] {
+    for (int64_t r = 0; r < m_dim; ++r) x_scale[r] = quantize_row(x.data_ptr<scalar_t>() + r * k_dim, k_dim, xq.data() + r * k_dim);
+  });
+  for (int64_t i = 0; i < m_dim * k_dim; ++i) xu[i] = static_cast<uint8_t>(xq[i] + 128);
+  auto out = at::empty({m_dim, n_dim}, x.options());
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const int32_t* sums = w_sums.data_ptr<int32_t>();
+  const float* ws = w_scale.data_ptr<float>();
+  PINFER_DISPATCH(x.scalar_type(), "int8_linear", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n_dim / 4, 16, [&](int64_t begin, int64_t end) {
+      int32_t dots[16];
+      for (int64_t nb = begin; nb < end; ++nb) {
+        const int64_t n = nb * 4;
+        switch (m_dim) {
+          case 4: int8_tile<4>(xu.data(), k_dim, wp + n * k_dim, dots); break;
+          case 3: int8_tile<3>(xu.data(), k_dim, wp + n * k_dim, dots); break;
+          case 2: int8_tile<2>(xu.data(), k_dim, wp + n * k_dim, dots); break;
+          default: int8_tile<1>(xu.data(), k_dim, wp + n * k_dim, dots); break;
+        }
+        for (int64_t i = 0; i < m_dim; ++i)
+          for (int j = 0; j < 4; ++j) {
+            const int32_t exact = dots[i * 4 + j] - 128 * sums[n + j];
+            op[(i * n_dim) + n + j] = static_cast<scalar_t>(static_cast<float>(exact) * x_scale[i] * ws[n + j]);
+          }
+      }
+    });
+  });
+  return out;
+}
+#endif
+
+#endif  // PINFER_AVX512
+
+}  // namespace
+
+TORCH_LIBRARY(pinfer, m) {
+  m.def("available() -> bool", &available);
+#if PINFER_AVX512
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);
+  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int sliding_window) -> Tensor",
+        &paged_decode_attention);
+  m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
+        &gumbel_sample);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &store_kv);
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
+  m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
+#if defined(__AVX512VNNI__)
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_linear);
+#endif
+#endif
+}

@@ -1,0 +1,184 @@
+"""pinfer's CPU kernels (src/pinfer/kernels) against the PyTorch path they replace.
+
+Norms, residual adds and RoPE round to the dtype where the PyTorch path does, so they agree
+bit for bit or to the last bf16 bit (float32 sums in another order); attention agrees to
+float rounding. Engine-level agreement with transformers is in the other model tests, which
+run the engine with the kernels on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pinfer import kernels
+from pinfer.config import RopeConfig
+from pinfer.model.attention.paged import paged_decode
+from pinfer.model.layers.norm import RMSNorm
+from pinfer.model.layers.rotary import RotaryEmbedding
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def _cpu_has_avx512() -> bool:
+    return {"avx512f", "avx512bw"} <= _cpu_flags()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if os.environ.get("PINFER_CPU_KERNELS") == "0" or not _cpu_has_avx512():
+        pytest.skip("no AVX-512 on this CPU (or PINFER_CPU_KERNELS=0): the engine uses the PyTorch path")
+    # On a machine that can run them, failing to build them is a failure, not a skip.
+    assert kernels.load(), kernels.status()
+
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place (bf16 or float32 bit patterns of finite values)."""
+    int_type = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return int((a.view(int_type).long() - b.view(int_type).long()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [576, 100])  # 100: a partial last vector
+def test_rms_norm_and_fused_residual_add(dtype, dim):
+    torch.manual_seed(0)
+    norm = RMSNorm(dim, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim) + 0.5)
+    x = (torch.randn(37, dim) * 3).to(dtype)
+    residual = torch.randn(37, dim).to(dtype)
+    ref_sum = x + residual
+    ref = norm(ref_sum)  # outside kernels.active(): the PyTorch path
+    with kernels.active():
+        plain = norm(ref_sum)
+        fused, new_residual = norm.add_and_norm(x, residual.clone())
+    assert torch.equal(new_residual, ref_sum)  # the add rounds exactly as aten's
+    # The float32 mean is summed in another order: a few float32 ulps, which in bf16 rarely
+    # moves a result, and then by one step.
+    ulps = 1 if dtype == torch.bfloat16 else 8
+    assert _ulps_apart(plain, ref) <= ulps and _ulps_apart(fused, ref) <= ulps
+    if dtype == torch.bfloat16:
+        assert (plain != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_rotary_in_place_matches_pytorch(dtype, head_dim):
+    torch.manual_seed(0)
+    heads, kv_heads, tokens = 6, 2, 19
+    rotary = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=10000.0))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided views, as in the model
+    positions = torch.randint(0, 4096, (tokens,))
+    ref_q, ref_k = rotary(positions, q.clone(), k.clone())
+    with kernels.active():
+        out_q, out_k = rotary(positions, q, k)
+    assert out_q.data_ptr() == q.data_ptr()  # rotated in place
+    assert torch.equal(out_q, ref_q) and torch.equal(out_k, ref_k)
+
+
+def _paged_pool(dtype, num_seqs, max_len, kv_heads, head_dim, block_size=16):
+    blocks_per_seq = -(-max_len // block_size)
+    num_blocks = num_seqs * blocks_per_seq + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    # each sequence's pages scattered over the pool
+    tables = torch.randperm(num_blocks)[: num_seqs * blocks_per_seq].view(num_seqs, blocks_per_seq)
+    return k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,window",
+    [(9, 3, 64, None), (4, 4, 128, None), (8, 1, 256, 40), (6, 2, 64, 17)],
+)
+@pytest.mark.parametrize("num_seqs", [7, 2])  # 2: fewer sequences than 2 x threads, one kv head per work item
+def test_paged_decode_attention_matches_sdpa(dtype, heads, kv_heads, head_dim, window, num_seqs):
+    torch.manual_seed(0)
+    max_len = 130
+    k_cache, v_cache, tables = _paged_pool(dtype, num_seqs, max_len, kv_heads, head_dim)
+    # one key, block edges, longer than the window
+    context_lens = torch.tensor([1, 2, 15, 16, 17, 64, 130][-num_seqs:])
+    query = torch.randn(num_seqs, heads, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    ref = paged_decode(query, k_cache, v_cache, tables, context_lens, max_len, scale, sliding_window=window)
+    out = torch.ops.pinfer.paged_decode_attention(query, k_cache, v_cache, tables, context_lens, scale, window or 0)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_kernel_rejects_a_dtype_it_does_not_handle():
+    x = torch.randn(2, 64, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
+        torch.ops.pinfer.rms_norm(x, torch.ones(64, dtype=torch.float64), 1e-6)
+
+
+def test_kernels_are_used_only_inside_active():
+    x = torch.randn(2, 64)
+    assert not kernels.usable(x)
+    with kernels.active():
+        assert kernels.usable(x) and not kernels.usable(x.double())
+        with kernels.active(False):
+            assert not kernels.usable(x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_has_the_bits_of_silu_times_up(dtype):
+    from pinfer.model.llama import silu_and_mul
+
+    torch.manual_seed(0)
+    gate_up = (torch.randn(5, 2 * 1540) * 4).to(dtype)  # 1540: a partial last vector
+    ref = silu_and_mul(gate_up)  # the PyTorch path: F.silu(gate) * up
+    with kernels.active():
+        out = silu_and_mul(gate_up)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_strided_rows_into_their_slots(dtype):
+    from pinfer.model.attention.base import store_kv
+
+    torch.manual_seed(0)
+    kv_heads, head_dim, tokens = 3, 64, 9
+    qkv = torch.randn(tokens, 4 * kv_heads * head_dim).to(dtype)
+    _, key, value = qkv.split([2 * kv_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    key, value = key.view(tokens, kv_heads, head_dim), value.view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(4 * 16)[:tokens]
+    caches = [torch.zeros(4, 16, kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+    store_kv(key, value, caches[0], caches[1], slots)
+    with kernels.active():
+        store_kv(key, value, caches[2], caches[3], slots)
+        with pytest.raises(RuntimeError, match="outside the pool"):
+            store_kv(key, value, caches[2], caches[3], slots + 4 * 16)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert torch.equal(caches[0].flatten(0, 1)[slots], key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])  # <= 4: the VNNI kernel; 7: quantize -> _int_mm -> rescale
+def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows):
+    from pinfer.model.quantization import Int8Linear
+
+    torch.manual_seed(0)
+    linear = Int8Linear(576, 964)  # 964: N % 4 == 0 but not a multiple of 16 (a partial vector)
+    linear.set_weight(torch.randn(964, 576) * 0.05)
+    x = torch.randn(rows, 576).to(dtype)
+    x[0, 5] = 9.0  # a large value sets the row's scale
+    ref = linear(x)
+    with kernels.active():
+        out = linear(x)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    if rows <= 4 and "avx512_vnni" in _cpu_flags():
+        assert kernels.has("int8_linear")  # the VNNI kernel ran, not the fallback
