@@ -182,3 +182,14 @@ def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows):
     assert out.dtype == dtype and torch.equal(out, ref)
     if rows <= 4 and "avx512_vnni" in _cpu_flags():
         assert kernels.has("int8_linear")  # the VNNI kernel ran, not the fallback
+
+
+def test_the_build_finds_the_ninja_dependency_off_path(monkeypatch):
+    """A venv used without activating it has `ninja` (a dependency) next to python, not on PATH."""
+    import ninja
+
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kernels._put_ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert (Path(ninja.BIN_DIR) / "ninja").exists()

@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from pinfer import kernels
+
 from pinfer.errors import PinferError
 from pinfer.tools.bench_scaling import (
     BACKENDS,
@@ -101,7 +103,8 @@ def test_every_backend_and_layout_computes_the_same_attention():
     for phase, length in (("prefill", 40), ("decode", 37)):
         step = make_step(phase, length, 3, shape, torch.float32, max_model_len=64, contiguous=True, seed=1)
         expected = step_call("reference", step)()
-        for backend in BACKENDS:
+        # paged_kernels needs pinfer's CPU kernels (AVX-512); tests/model/test_cpu_kernels.py fails where they should build
+        for backend in (b for b in BACKENDS if b != "paged_kernels" or kernels.load()):
             where = f"{backend} {phase}"
             torch.testing.assert_close(step_call(backend, step)(), expected, atol=1e-5, rtol=1e-5,
                                        msg=lambda m, where=where: f"{where}: {m}")

@@ -1,14 +1,18 @@
-"""pinfer's own CPU kernels (cpu_ops.cpp): fused RMSNorm (+ residual add), in-place RoPE and
-paged decode attention, as torch.ops.pinfer.*.
+"""pinfer's own CPU kernels (cpu_ops.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
+residual add, in-place RoPE, SwiGLU, the KV store, paged decode attention, the sampler's
+plain-temperature path and int8 (w8a8) linears.
 
-Why: a profile of SmolLM2 decode on 2 cores put ~25% of a batch-64 step in SDPA plus the
-page gather, and at batch 1 a third of the time in the ~30 small aten ops per layer around
-the matmuls. The kernels replace those (numbers in the README); the matmuls stay oneDNN's.
+Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
+matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
+batch 1 a third of the time in the ~30 small aten ops per layer around the matmuls; int8 lost
+to bf16 on the ops quantizing its activations. The kernels replace those (numbers in the
+README); the float matmuls stay oneDNN's.
 
-Built with torch's C++ extension loader (g++, -march=native) the first time an engine starts
-on a CPU, ~30 s, and cached per machine under $PINFER_CACHE/kernels (~/.cache/pinfer); later
-starts load the cached library. No compiler, no AVX-512, PINFER_CPU_KERNELS=0 or a failed
-build: a warning (for the failure) and the PyTorch path, which computes the same thing.
+Built with torch's C++ extension loader (g++ and ninja, -march=native) the first time an
+engine starts on a CPU, ~10-30 s, and cached per machine under $PINFER_CACHE/kernels
+(~/.cache/pinfer); later starts load the cached library. No compiler, no AVX-512,
+PINFER_CPU_KERNELS=0 or a failed build: a warning (for the failure) and the PyTorch path,
+which computes the same thing.
 
 The model code asks usable(x) before calling a kernel: true only inside `active()`, which
 the model runner enters around its forward except in deterministic mode (whose batch-invariant
@@ -92,11 +96,13 @@ def _build_or_load() -> None:
     # so a process starting meanwhile (a test worker, a TP rank) never loads a half-written file.
     build = directory / f"build-{os.getpid()}"
     build.mkdir(parents=True, exist_ok=True)
-    logger.warning("compiling pinfer's CPU kernels (once per machine, ~30 s) into %s", directory)
-    load_extension("pinfer_cpu_kernels", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                   build_directory=str(build), is_python_module=False, verbose=False)
-    os.replace(build / library.name, library)
-    shutil.rmtree(build, ignore_errors=True)
+    logger.warning("compiling pinfer's CPU kernels (once per machine, ~10-30 s) into %s", directory)
+    try:
+        load_extension("pinfer_cpu_kernels", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=str(build), is_python_module=False, verbose=False)
+        os.replace(build / library.name, library)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _put_ninja_on_path() -> None:
@@ -111,7 +117,7 @@ def _put_ninja_on_path() -> None:
 
 
 def status() -> str:
-    """Why the kernels are or are not in use (for `pinfer inspect`-style reports and errors)."""
+    """Why the kernels are or are not in use: "loaded", or the reason they are not."""
     return str(_state["reason"])
 
 

@@ -1,12 +1,14 @@
 // pinfer's CPU kernels (AVX-512), registered as torch.ops.pinfer.*; see kernels/__init__.py.
 //
 // Each one fuses what takes several aten ops in the PyTorch path, and exists because a
-// profile showed that path's cost: small-batch decode is bound by per-op overhead and by
-// the weight reads of the matmuls, which oneDNN's bf16 GEMV does at about half the
-// machine's read bandwidth. Arithmetic is float32 throughout; bf16 values are rounded
-// (to nearest even) exactly where the PyTorch path rounds them, so that the norms, the
-// residual adds and RoPE give the same bits as that path, and the matmul and attention
-// differ from it only in summation order.
+// profile showed that path's cost: decode spent its time outside the matmuls in small
+// per-layer ops, in the decode attention's page gather + SDPA, in ~20 sampler passes over
+// [batch, vocab], and (int8) in the activation quantization around torch._int_mm.
+// Arithmetic is float32 (int32 for int8 dot products); values are rounded to bf16 (to
+// nearest even) exactly where the PyTorch path rounds them. So the residual adds, RoPE,
+// SwiGLU, the KV store, the int8 linears and the sampled tokens and ranks have the PyTorch
+// path's bits; the norms (their mean), attention and logprobs differ from it by float32
+// summation order. tests/model/test_cpu_kernels.py checks each against that path.
 //
 // Built with -march=native by kernels/__init__.py, once per machine; without AVX-512
 // the file still compiles and available() says false, and the engine keeps the PyTorch path.
@@ -255,11 +257,15 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
       auto at_pos = [&](const T* cache, int64_t pos) {
         return cache + table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
       };
-      for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(k_cache, first + t), span * head_dim);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = first + t;
-        if (t + kPrefetch < n) prefetch_row(at_pos(k_cache, pos + kPrefetch), span * head_dim);
-        const T* kp = at_pos(k_cache, pos);
+      // fn(t, row of position first + t), in order, the rows kPrefetch positions ahead prefetched
+      auto for_each_position = [&](const T* cache, auto&& fn) {
+        for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(cache, first + t), span * head_dim);
+        for (int64_t t = 0; t < n; ++t) {
+          if (t + kPrefetch < n) prefetch_row(at_pos(cache, first + t + kPrefetch), span * head_dim);
+          fn(t, at_pos(cache, first + t));
+        }
+      };
+      for_each_position(k_cache, [&](int64_t t, const T* kp) {
         for (int64_t r = 0; r < rows; ++r) {
           const T* kh = kp + (r / group) * head_dim;
           __m512 dot = _mm512_setzero_ps();
@@ -267,7 +273,7 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
             dot = _mm512_fmadd_ps(load16(qf.data() + r * head_dim + c * 16), load16(kh + c * 16), dot);
           scores[r * n + t] = _mm512_reduce_add_ps(dot);
         }
-      }
+      });
       for (int64_t r = 0; r < rows; ++r) {
         float* s = scores.data() + r * n;
         __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -283,18 +289,14 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
         inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(v_cache, first + t), span * head_dim);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = first + t;
-        if (t + kPrefetch < n) prefetch_row(at_pos(v_cache, pos + kPrefetch), span * head_dim);
-        const T* vp = at_pos(v_cache, pos);
+      for_each_position(v_cache, [&](int64_t t, const T* vp) {
         for (int64_t r = 0; r < rows; ++r) {
           const T* vh = vp + (r / group) * head_dim;
           const __m512 p = _mm512_set1_ps(scores[r * n + t]);
           float* a = acc.data() + r * head_dim;
           for (int64_t c = 0; c < chunks; ++c) store16(a + c * 16, _mm512_fmadd_ps(p, load16(vh + c * 16), load16(a + c * 16)));
         }
-      }
+      });
       for (int64_t r = 0; r < rows; ++r) {
         T* o = out + (b * num_heads + h0 * group + r) * head_dim;
         for (int64_t c = 0; c < chunks; ++c)
@@ -548,6 +550,8 @@ inline void int8_tile(const uint8_t* xu, int64_t k_dim, const int8_t* w, int32_t
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < k_dim; k += 64) {
+    // two tiles ahead: 16.5 -> 19.6 GB/s over SmolLM2's 121 int8 matrices at batch 1 (8, 16, 32, 64 rows tried)
+    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + 8) * k_dim + k), _MM_HINT_T0);
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + j * k_dim + k);
     for (int i = 0; i < MR; ++i) {

@@ -4,7 +4,9 @@
           are quantized to int8 on the fly, one scale per row (token), and
           multiplied with torch._int_mm (oneDNN, VNNI/AMX int8): faster than
           bfloat16 at batch 1 and batch 64, and batch-invariant (an int32 sum is
-          exact, and nothing is shared between rows).
+          exact, and nothing is shared between rows). With pinfer's CPU kernels the
+          same arithmetic runs fused: one op quantizes the rows, and up to 4 rows
+          take a VNNI kernel that streams the weight once (kernels/cpu_ops.cpp).
     int4: weights 4-bit, one scale and one offset per group of 32 inputs
           (w = scale * q + zero, q in 0..15: GGUF Q4_1's format, so a Q4_0/Q4_1
           file's blocks load as they are). bfloat16 activations (torch's int4 CPU

@@ -17,6 +17,9 @@ For the backends ("reference", "blocked", "paged", "batch_invariant") that is `s
 makes, but over a slice of the buffer rather than over pages gathered first. (A static cache
 as HF and gpt-fast use it attends over all max_model_len slots with a mask; reading only the
 first L is this layout's best case.) So paged minus contiguous is the cost of the page gather.
+"paged_kernels" is "paged" as the engine runs it on a CPU with pinfer's kernels: the K/V store
+and the decode attention are kernels that read the pages in place (no gather); prefill is the
+same SDPA call. Scratch memory inside a kernel is not a tensor, so LiveBytes counts only its output.
 
 Latency: the median over --repeats samples, each the mean of enough back-to-back calls to
 last >= 20 ms, after one warm-up call. The process CPU time per call is recorded too: on a
@@ -70,13 +73,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from pinfer import kernels
 from pinfer.config import parse_dtype, parse_memory_size
 from pinfer.errors import PinferError
 from pinfer.model.attention import ATTENTION_BACKENDS, AttentionMetadata, get_attention_backend, store_kv
 from pinfer.tools.alloc_counter import FRESH_OPS, storage_ptr
 
 CONTIGUOUS = "contiguous"  # the non-paged KV layout, measured like a backend
-BACKENDS = (*ATTENTION_BACKENDS, CONTIGUOUS)
+PAGED_KERNELS = "paged_kernels"  # "paged" with pinfer's CPU kernels on (src/pinfer/kernels), as the engine runs it
+BACKENDS = (*ATTENTION_BACKENDS, PAGED_KERNELS, CONTIGUOUS)
 PHASES = ("prefill", "decode")
 MIN_SAMPLE_SECONDS = 0.02
 MAX_CALLS_PER_SAMPLE = 100
@@ -119,9 +124,10 @@ def parse_shape(text: str) -> Shape:
 def add_scaling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="128,256,512,1024,2048,4096",
                         help="prompt lengths (prefill) and context lengths (decode) (default: 128,...,4096)")
-    parser.add_argument("--backends", default="reference,blocked,paged,contiguous",
+    parser.add_argument("--backends", default="reference,blocked,paged,paged_kernels,contiguous",
                         help=f"from {', '.join(BACKENDS)}; contiguous: SDPA over a per-sequence contiguous "
-                             "cache (default: reference,blocked,paged,contiguous)")
+                             "cache; paged_kernels: paged with pinfer's CPU kernels "
+                             "(default: reference,blocked,paged,paged_kernels,contiguous)")
     parser.add_argument("--phases", default="prefill,decode", help="prefill, decode or both (default: both)")
     parser.add_argument("--batch", type=int, default=16, help="decode batch: sequences per step (default: 16)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
@@ -307,11 +313,15 @@ def step_call(backend: str, step: Step) -> Callable[[], torch.Tensor]:
     scale = 1.0 / math.sqrt(step.query.shape[-1])
     if backend == CONTIGUOUS:
         return lambda: contiguous_attention(step, scale)
-    attention = get_attention_backend(backend)
+    use_kernels = backend == PAGED_KERNELS
+    if use_kernels and not kernels.load():
+        raise PinferError(f"{PAGED_KERNELS}: pinfer's CPU kernels are not available here ({kernels.status()})")
+    attention = get_attention_backend("paged" if use_kernels else backend)
 
     def call() -> torch.Tensor:
-        store_kv(step.key, step.value, step.k_cache, step.v_cache, step.meta.slot_mapping)
-        return attention.forward(step.query, step.k_cache, step.v_cache, step.meta, scale)
+        with kernels.active(use_kernels):
+            store_kv(step.key, step.value, step.k_cache, step.v_cache, step.meta.slot_mapping)
+            return attention.forward(step.query, step.k_cache, step.v_cache, step.meta, scale)
 
     return call
 
@@ -552,7 +562,7 @@ def format_report(points: list[Point], kv: dict[str, Any], settings: Settings) -
 
 
 COLORS = {"reference": "tab:red", "blocked": "tab:orange", "paged": "tab:blue", "batch_invariant": "tab:purple",
-          CONTIGUOUS: "tab:green"}
+          PAGED_KERNELS: "tab:cyan", CONTIGUOUS: "tab:green"}
 
 
 def plot(points: list[Point], kv: dict[str, Any], path: str | Path, title: str) -> None:
