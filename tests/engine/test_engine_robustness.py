@@ -78,7 +78,8 @@ def test_streamed_text_never_shows_part_of_a_stop_string(smollm2_llm):
 
 def test_abort_returns_partial_output_and_frees_blocks(smollm2_llm):
     engine = smollm2_llm.engine
-    rid = engine.add_request("Write a long essay about rivers.", SamplingParams(max_tokens=200, n=2))
+    # ignore_eos: a sample that happened to end within the 5 steps would not be aborted
+    rid = engine.add_request("Write a long essay about rivers.", SamplingParams(max_tokens=200, n=2, ignore_eos=True))
     for _ in range(5):
         engine.step()
     out = engine.abort_request(rid)

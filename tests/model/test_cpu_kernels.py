@@ -193,3 +193,21 @@ def test_the_build_finds_the_ninja_dependency_off_path(monkeypatch):
     kernels._put_ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert (Path(ninja.BIN_DIR) / "ninja").exists()
+
+
+@pytest.mark.parametrize(
+    "q_len,context_len,heads,kv_heads,head_dim",
+    [(70, 70, 9, 3, 64), (20, 90, 9, 3, 64), (1, 33, 4, 4, 128), (33, 33, 8, 1, 256)],  # 20 of 90: a cached prefix
+)
+def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_heads, head_dim):
+    from pinfer.model.attention.paged import prefill_one
+
+    if "avx512_bf16" not in _cpu_flags():
+        pytest.skip("the prefill kernel needs AVX512-BF16; the engine uses SDPA here")
+    torch.manual_seed(0)
+    k_cache, v_cache, tables = _paged_pool(torch.bfloat16, 1, context_len, kv_heads, head_dim)
+    query = torch.randn(q_len, heads, head_dim).to(torch.bfloat16)
+    scale = head_dim**-0.5
+    ref = prefill_one(query, k_cache, v_cache, tables[0], context_len, scale)
+    out = torch.ops.pinfer.paged_prefill_attention(query, k_cache, v_cache, tables[0], context_len, scale)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -604,6 +604,130 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 }
 #endif
 
+// ---- paged prefill attention (bf16) ----------------------------------------------------------
+// One sequence's new tokens against its whole context (cached prefix + themselves), causal,
+// flash-style: blocks of 16 query rows x 16 keys, online softmax in float32. Q.K^T runs on
+// vdpbf16ps with keys as the 16 lanes, so no horizontal sums: the keys of each kv head are
+// first copied from the pages into [D/2, keys, 2] (pairs of dims, the instruction's layout),
+// the values into [keys, D]. Measured: the 1,002-token prompt's attention, 30 layers, 2
+// threads, SDPA 362 ms (flash, is_causal) (see README).
+
+#if defined(__AVX512BF16__)
+// o = o * alpha + sum_j p[j] * v[j] for n <= 16 value rows of CHUNKS * 16 dims
+template <int CHUNKS>
+inline void add_weighted_values(float* o, float alpha, const float* p, const bf16* v, int64_t n) {
+  __m512 acc[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_mul_ps(_mm512_loadu_ps(o + c * 16), _mm512_set1_ps(alpha));
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm512_fmadd_ps(pj, load16(v + j * CHUNKS * 16 + c * 16), acc[c]);
+  }
+  for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(o + c * 16, acc[c]);
+}
+
+void prefill_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
+                            const int64_t* table, int64_t q_len, int64_t context_len, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, bf16* out) {
+  const int64_t group = num_heads / num_kv_heads, pairs = head_dim / 2, chunks = head_dim / 16;
+  const int64_t keys = (context_len + 15) / 16 * 16;  // padded to whole key blocks (masked)
+  const int64_t token_stride = num_kv_heads * head_dim, page_stride = block_size * token_stride;
+  std::vector<uint32_t> k_pairs(num_kv_heads * pairs * keys, 0);  // bf16 pairs as 32-bit words
+  std::vector<bf16> values(num_kv_heads * keys * head_dim, bf16(0.0f));
+  at::parallel_for(0, context_len, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t offset = table[t / block_size] * page_stride + (t % block_size) * token_stride;
+      const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + offset);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        for (int64_t p = 0; p < pairs; ++p) k_pairs[(h * pairs + p) * keys + t] = kt[h * pairs + p];
+        std::memcpy(values.data() + (h * keys + t) * head_dim, v_cache + offset + h * head_dim, head_dim * sizeof(bf16));
+      }
+    }
+  });
+  const int64_t first_pos = context_len - q_len;  // position of query row 0
+  const int64_t row_blocks = (q_len + 15) / 16;
+  at::parallel_for(0, num_heads * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(16 * head_dim);
+    float m[16], l[16], alpha[16], p[16][16];
+    for (int64_t item = begin; item < end; ++item) {
+      // Causal: row block rb costs ~rb + 1 key blocks. Items alternate the first and the last
+      // row blocks (0, R-1, 1, R-2, ...), so the contiguous ranges the threads get cost the same.
+      const int64_t h = item % num_heads, i = item / num_heads;
+      const int64_t rb = i % 2 == 0 ? i / 2 : row_blocks - 1 - i / 2;
+      const int64_t kv = h / group, r0 = rb * 16, rows = std::min<int64_t>(16, q_len - r0);
+      const uint32_t* kh = k_pairs.data() + kv * pairs * keys;
+      const bf16* vh = values.data() + kv * keys * head_dim;
+      std::fill(o.begin(), o.end(), 0.0f);
+      for (int64_t r = 0; r < rows; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+      const int64_t last_key = first_pos + r0 + rows - 1;  // the block's last row sees keys <= this
+      for (int64_t k0 = 0; k0 <= last_key; k0 += 16) {
+        // Three passes over the block's rows, so that the rows' independent work overlaps:
+        // scores, then the online-softmax update, then P.V.
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = first_pos + r0 + r;
+          if (k0 > pos) continue;  // a key block past this row's position (later rows see more)
+          const uint32_t* qr = reinterpret_cast<const uint32_t*>(q + (r0 + r) * q_stride + h * head_dim);
+          // four independent sums, or each vdpbf16ps waits for the one before it
+          __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int64_t d = 0; d < pairs; d += 4)
+            for (int u = 0; u < 4; ++u)
+              part[u] = _mm512_dpbf16_ps(part[u], (__m512bh)_mm512_loadu_si512(kh + (d + u) * keys + k0),
+                                         (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qr[d + u])));
+          __m512 sc = _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
+          _mm512_storeu_ps(p[r], _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = first_pos + r0 + r;
+          if (k0 > pos) { alpha[r] = 1.0f; continue; }
+          const __mmask16 visible = tail_mask(pos - k0 + 1);  // keys k0 .. pos
+          const __m512 sc = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), visible, p[r]);
+          const float m_new = std::max(m[r], _mm512_reduce_max_ps(sc));
+          // exp(m_old - m_new), ~0 on the first block (m_old = -inf: exp_nonpositive clamps to e^-87)
+          alpha[r] = _mm512_cvtss_f32(exp_nonpositive(_mm512_set1_ps(m[r] - m_new)));
+          const __m512 e = _mm512_maskz_mov_ps(visible, exp_nonpositive(_mm512_sub_ps(sc, _mm512_set1_ps(m_new))));
+          l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(e);
+          m[r] = m_new;
+          _mm512_storeu_ps(p[r], e);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t pos = first_pos + r0 + r;
+          if (k0 > pos) continue;
+          const int64_t n = std::min<int64_t>(16, pos - k0 + 1);
+          float* orow = o.data() + r * head_dim;
+          switch (chunks) {  // the accumulators in registers need a compile-time count
+            case 4: add_weighted_values<4>(orow, alpha[r], p[r], vh + k0 * head_dim, n); break;
+            case 8: add_weighted_values<8>(orow, alpha[r], p[r], vh + k0 * head_dim, n); break;
+            default: add_weighted_values<16>(orow, alpha[r], p[r], vh + k0 * head_dim, n); break;
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        for (int64_t c = 0; c < chunks; ++c)
+          store16(out + ((r0 + r) * num_heads + h) * head_dim + c * 16, _mm512_mul_ps(load16(o.data() + r * head_dim + c * 16), inv));
+      }
+    }
+  });
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_table, int64_t context_len, double scale) {
+  // query [Lq, H, D] bf16 (rows may be strided); caches [num_blocks, block_size, Hkv, D]; block_table [max_blocks]
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16);
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (head_dim == 64 || head_dim == 128 || head_dim == 256),
+              "paged_prefill_attention: head_dim 64, 128 or 256");
+  auto q = query.stride(2) == 1 && query.stride(1) == query.size(2) ? query : query.contiguous();
+  auto table = block_table.contiguous();
+  TORCH_CHECK(table.scalar_type() == at::kLong && context_len >= q.size(0));
+  TORCH_CHECK(table.numel() * k_cache.size(1) >= context_len, "block table shorter than the context");
+  auto out = at::empty(q.sizes(), q.options());
+  prefill_attention_bf16(q.data_ptr<bf16>(), q.stride(0), k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(),
+                         table.data_ptr<int64_t>(), q.size(0), context_len, q.size(1), k_cache.size(2), q.size(2),
+                         k_cache.size(1), static_cast<float>(scale), out.data_ptr<bf16>());
+  return out;
+}
+#endif
+
 #endif  // PINFER_AVX512
 
 }  // namespace
@@ -624,6 +748,10 @@ TORCH_LIBRARY(pinfer, m) {
         &store_kv);
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
+#if defined(__AVX512BF16__)
+  m.def("paged_prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, "
+        "float scale) -> Tensor", &paged_prefill_attention);
+#endif
 #if defined(__AVX512VNNI__)
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_linear);
 #endif

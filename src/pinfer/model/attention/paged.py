@@ -267,8 +267,11 @@ class PagedAttention(AttentionBackend):
 
         prefill_query_lens = [query_lens[i] for i in prefill]
         prefill_context_lens = [context_lens[i] for i in prefill]
+        # pinfer's prefill kernel (bf16, full attention) runs one sequence at a time, without padding.
+        kernel = (self.prefill_mode == "auto" and window is None and kernels.usable(query)
+                  and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] in (64, 128, 256))
         padded = self.prefill_mode == "padded" or (
-            self.prefill_mode == "auto" and use_padded_prefill(prefill_query_lens, prefill_context_lens)
+            self.prefill_mode == "auto" and not kernel and use_padded_prefill(prefill_query_lens, prefill_context_lens)
         )
         if padded:
             seqs = torch.tensor(prefill, device=query.device)
@@ -294,9 +297,13 @@ class PagedAttention(AttentionBackend):
             starts = [0, *accumulate(query_lens)]
             for i in prefill:
                 start, end = starts[i], starts[i + 1]
-                out[start:end] = prefill_one(
-                    query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
-                )
+                if kernel:
+                    out[start:end] = torch.ops.pinfer.paged_prefill_attention(
+                        query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale)
+                else:
+                    out[start:end] = prefill_one(
+                        query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
+                    )
         return out
 
     def _decode(
