@@ -609,8 +609,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 // flash-style: blocks of 16 query rows x 16 keys, online softmax in float32. Q.K^T runs on
 // vdpbf16ps with keys as the 16 lanes, so no horizontal sums: the keys of each kv head are
 // first copied from the pages into [D/2, keys, 2] (pairs of dims, the instruction's layout),
-// the values into [keys, D]. Measured: the 1,002-token prompt's attention, 30 layers, 2
-// threads, SDPA 362 ms (flash, is_causal) (see README).
+// the values into [keys, D]. Measured, 2 threads, SmolLM2's 9/3 heads: a 1,002-token prompt
+// 10.6 vs 12.1 ms per layer for SDPA (flash, is_causal), a 37-token one 0.04 vs 0.09 ms.
 
 #if defined(__AVX512BF16__)
 // o = o * alpha + sum_j p[j] * v[j] for n <= 16 value rows of CHUNKS * 16 dims
