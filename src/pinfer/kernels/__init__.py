@@ -1,6 +1,6 @@
 """pinfer's own CPU kernels (cpu_ops.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
-residual add, in-place RoPE, SwiGLU, the KV store, paged decode attention, the sampler's
-plain-temperature path and int8 (w8a8) linears.
+residual add, in-place RoPE, SwiGLU, the KV store, paged decode and (bf16) prefill attention,
+the sampler's plain-temperature path and int8 (w8a8) linears.
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
@@ -132,7 +132,8 @@ def active(enabled: bool = True) -> Iterator[None]:
 
 
 def has(op: str) -> bool:
-    """Whether the build has this op (int8_linear needs AVX512-VNNI)."""
+    """Whether the build has this op (int8_linear needs AVX512-VNNI, paged_prefill_attention
+    AVX512-BF16; the rest AVX-512 F/BW)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = bool(_state["loaded"]) and hasattr(torch.ops.pinfer, op)

@@ -22,6 +22,9 @@ On the CPU, decode runs pinfer's own kernel when it is loaded (kernels/cpu_ops.c
 the pages in place through the block table, so there is no gather and no mask, and computes
 in float32 (measured, 2 cores, bf16: B=64 contexts 60-190 0.49 vs 1.35 ms per layer; B=1
 context 100 0.011 vs 0.085 ms). The SDPA path below is the fallback and the reference.
+Likewise bf16 prefill without a sliding window runs one sequence at a time through the
+kernel's flash-style prefill (1,002 tokens: 10.6 vs 12.1 ms per layer; 37 tokens: 0.04 vs
+0.09 ms, so short prompts are no longer padded into one SDPA call either).
 
 Why SDPA: on CPU it is torch's flash-attention kernel, which accumulates and
 does the softmax in float32 for bf16 too, and it is the fastest option measured
@@ -269,7 +272,8 @@ class PagedAttention(AttentionBackend):
         prefill_context_lens = [context_lens[i] for i in prefill]
         # pinfer's prefill kernel (bf16, full attention) runs one sequence at a time, without padding.
         kernel = (self.prefill_mode == "auto" and window is None and kernels.usable(query)
-                  and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] in (64, 128, 256))
+                  and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] in (64, 128, 256)
+                  and kernels.has("paged_prefill_attention"))  # an AVX512-BF16 build
         padded = self.prefill_mode == "padded" or (
             self.prefill_mode == "auto" and not kernel and use_padded_prefill(prefill_query_lens, prefill_context_lens)
         )
