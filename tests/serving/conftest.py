@@ -9,9 +9,6 @@ for tests that inject faults into the engine.
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +19,8 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+
+from pinfer.tools import bench_serve
 
 SERVE_COMMAND = [sys.executable, "-m", "pinfer.entrypoints.cli", "serve"]  # `pinfer serve`
 MODEL_ARGS = ["--model", "smollm2-135m", "--dtype", "float32"]
@@ -44,51 +43,24 @@ SERVER_FLAGS = {
 }
 
 
-class ServerProcess:
+class ServerProcess(bench_serve.ServerProcess):
+    """`pinfer serve` on the default model with these flags; launching it, waiting for /health
+    and the SIGTERM-then-SIGKILL stop are the serve benchmark's (tools/bench_serve.py)."""
+
     def __init__(self, args: list[str], log_path: Path):
         self.args = args
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [*SERVE_COMMAND, *MODEL_ARGS, "--host", "127.0.0.1", "--port", "0", "--no-access-log", *args],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        self.base_url = ""
+        super().__init__([*SERVE_COMMAND, *MODEL_ARGS, "--host", "127.0.0.1", "--port", "0", "--no-access-log",
+                          *args], log_path)
 
     def flag(self, name: str) -> str | None:
         return self.args[self.args.index(name) + 1] if name in self.args else None
 
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if not self.base_url:
-                match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", self.log_path.read_text())
-                if match:
-                    self.base_url = match.group(1)
-            if self.base_url:
-                try:
-                    if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().wait_ready(timeout)
+        return self
 
 
 @pytest.fixture(scope="session", autouse=True)
