@@ -654,15 +654,10 @@ def add_scaling_parser(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pinfer.tools.bench_scaling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_scaling_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_scaling(args)
-    except PinferError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """`python -m pinfer.tools.bench_scaling ...` is `pinfer bench-attention ...`."""
+    from pinfer.entrypoints.cli import main as pinfer_main
+
+    return pinfer_main(["bench-attention", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
