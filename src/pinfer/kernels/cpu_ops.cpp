@@ -550,7 +550,7 @@ inline void int8_tile(const uint8_t* xu, int64_t k_dim, const int8_t* w, int32_t
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < k_dim; k += 64) {
-    // two tiles ahead: 16.5 -> 19.6 GB/s over SmolLM2's 121 int8 matrices at batch 1 (8, 16, 32, 64 rows tried)
+    // two tiles ahead: the best of 8, 16, 32, 64 rows tried over SmolLM2's 121 int8 matrices at batch 1
     for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (j + 8) * k_dim + k), _MM_HINT_T0);
     __m512i wv[4];
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_si512(w + j * k_dim + k);
@@ -609,8 +609,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 // flash-style: blocks of 16 query rows x 16 keys, online softmax in float32. Q.K^T runs on
 // vdpbf16ps with keys as the 16 lanes, so no horizontal sums: the keys of each kv head are
 // first copied from the pages into [D/2, keys, 2] (pairs of dims, the instruction's layout),
-// the values into [keys, D]. Measured, 2 threads, SmolLM2's 9/3 heads: a 1,002-token prompt
-// 10.6 vs 12.1 ms per layer for SDPA (flash, is_causal), a 37-token one 0.04 vs 0.09 ms.
+// the values into [keys, D]. examples/kernel_microbench.py compares it with SDPA (flash, is_causal).
 
 #if defined(__AVX512BF16__)
 // o = o * alpha + sum_j p[j] * v[j] for n <= 16 value rows of CHUNKS * 16 dims

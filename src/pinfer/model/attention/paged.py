@@ -20,11 +20,10 @@ query's window, so the cost no longer grows with the context.
 
 On the CPU, decode runs pinfer's own kernel when it is loaded (kernels/cpu_ops.cpp): it reads
 the pages in place through the block table, so there is no gather and no mask, and computes
-in float32 (measured, 2 cores, bf16: B=64 contexts 60-190 0.49 vs 1.35 ms per layer; B=1
-context 100 0.011 vs 0.085 ms). The SDPA path below is the fallback and the reference.
-Likewise bf16 prefill without a sliding window runs one sequence at a time through the
-kernel's flash-style prefill (1,002 tokens: 10.6 vs 12.1 ms per layer; 37 tokens: 0.04 vs
-0.09 ms, so short prompts are no longer padded into one SDPA call either).
+in float32. Likewise bf16 prefill without a sliding window runs one sequence at a time
+through the kernel's flash-style prefill, so short prompts are no longer padded into one SDPA
+call either. examples/kernel_microbench.py times both against the SDPA path below, which is
+the fallback and the reference.
 
 Why SDPA: on CPU it is torch's flash-attention kernel, which accumulates and
 does the softmax in float32 for bf16 too, and it is the fastest option measured

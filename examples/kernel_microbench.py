@@ -1,0 +1,101 @@
+"""The per-call figures the README quotes for pinfer's CPU kernels, against the PyTorch path.
+
+    .venv/bin/python examples/kernel_microbench.py
+
+Each line: the minimum over repeated calls, ms, on SmolLM2-135M's shapes (9 query heads,
+3 kv heads, head_dim 64, block size 16, vocabulary 49,152), random inputs, bf16, torch's
+default threads. Run it with nothing else on the machine.
+"""
+
+import time
+
+import torch
+
+from pinfer import kernels
+from pinfer.model.attention.paged import paged_decode, prefill_one
+from pinfer.sampling.random import row_keys
+from pinfer.sampling.sampler import _plain_random_sample
+
+H, HKV, D, BS, VOCAB = 9, 3, 64, 16, 49152
+DTYPE = torch.bfloat16
+
+
+def best_ms(fn, repeats: int = 30) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def paged_pool(num_seqs: int, max_len: int):
+    blocks = num_seqs * (max_len // BS + 1) + 8
+    k = torch.randn(blocks, BS, HKV, D).to(DTYPE)
+    v = torch.randn(blocks, BS, HKV, D).to(DTYPE)
+    tables = torch.randperm(blocks)[: num_seqs * (max_len // BS + 1)].view(num_seqs, -1)
+    return k, v, tables
+
+
+def decode(num_seqs: int, lo: int, hi: int) -> str:
+    k, v, tables = paged_pool(num_seqs, hi)
+    lens = torch.randint(lo, hi + 1, (num_seqs,))
+    q = torch.randn(num_seqs, H, D).to(DTYPE)
+    scale = D**-0.5
+    ref = best_ms(lambda: paged_decode(q, k, v, tables, lens, int(lens.max()), scale))
+    own = best_ms(lambda: torch.ops.pinfer.paged_decode_attention(q, k, v, tables, lens, scale, 0))
+    return f"decode attention, {num_seqs} seqs, contexts {lo}-{hi}: SDPA + gather {ref:.3f}, kernel {own:.3f}"
+
+
+def prefill(length: int) -> str:
+    k, v, tables = paged_pool(1, length)
+    q = torch.randn(length, H, D).to(DTYPE)
+    scale = D**-0.5
+    ref = best_ms(lambda: prefill_one(q, k, v, tables[0], length, scale), 10)
+    own = best_ms(lambda: torch.ops.pinfer.paged_prefill_attention(q, k, v, tables[0], length, scale), 10)
+    return f"prefill attention, {length} tokens: SDPA (is_causal) {ref:.3f}, kernel {own:.3f}"
+
+
+def sampler(rows: int) -> str:
+    logits = (torch.randn(rows, VOCAB) * 3).to(DTYPE)
+    temperature = torch.ones(rows)
+    seeds, steps = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
+    ref = best_ms(lambda: _plain_random_sample(logits, temperature, seeds, steps, False), 10)
+    own = best_ms(lambda: torch.ops.pinfer.gumbel_sample(logits, temperature, row_keys(seeds, steps), False), 10)
+    return f"sampling {rows} x {VOCAB} logits (temperature, logprob, rank): PyTorch {ref:.2f}, kernel {own:.2f}"
+
+
+def int8_batch1() -> str:
+    """SmolLM2's 121 matrices, cycled so that they come from memory as in a decode step."""
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
+    weights = [torch.randint(-127, 128, shape, dtype=torch.int8) for shape in shapes]
+    sums = [w.sum(1, dtype=torch.int32) for w in weights]
+    scales = [torch.rand(w.shape[0]) for w in weights]
+    x = {k: torch.randn(1, k).to(DTYPE) for k in (576, 1536)}
+    as_bf16 = [w.view(DTYPE) for w in weights]  # the same bytes, for a plain read
+    total = sum(w.numel() for w in weights)
+
+    def matmuls():
+        for w, s, sc in zip(weights, sums, scales):
+            torch.ops.pinfer.int8_linear(x[w.shape[1]], w, s, sc)
+
+    def read():
+        for w in as_bf16:
+            w.sum()
+
+    own, plain = best_ms(matmuls, 10), best_ms(read, 10)
+    return (f"int8 batch-1 matmuls, 121 matrices: kernel {own:.2f} ({total / own / 1e6:.1f} GB/s); "
+            f"a sum over the same bytes {plain:.2f} ({total / plain / 1e6:.1f} GB/s)")
+
+
+def main() -> None:
+    assert kernels.load(), kernels.status()
+    torch.manual_seed(0)
+    print(f"ms per call, minimum of repeats, {torch.get_num_threads()} threads, {DTYPE}")
+    for line in (decode(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64), int8_batch1()):
+        print(" ", line)
+
+
+if __name__ == "__main__":
+    main()
