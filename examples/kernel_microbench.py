@@ -66,19 +66,26 @@ def sampler(rows: int) -> str:
     return f"sampling {rows} x {VOCAB} logits (temperature, logprob, rank): PyTorch {ref:.2f}, kernel {own:.2f}"
 
 
-def int8_batch1() -> str:
-    """SmolLM2's 121 matrices, cycled so that they come from memory as in a decode step."""
+def smollm2_int8_matrices():
+    """SmolLM2's 121 int8 matrices (qkv, o, gate_up, down x 30 layers, the head), as Int8Linear
+    would hold them; cycled through, they come from memory as in a decode step."""
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
-    weights = [torch.randint(-127, 128, shape, dtype=torch.int8) for shape in shapes]
-    sums = [w.sum(1, dtype=torch.int32) for w in weights]
-    scales = [torch.rand(w.shape[0]) for w in weights]
+    matrices = []
+    for n, k in shapes:
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        packed = w.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+        matrices.append((w, packed, w.sum(1, dtype=torch.int32), torch.rand(n)))
+    return matrices
+
+
+def int8_batch1(matrices) -> str:
     x = {k: torch.randn(1, k).to(DTYPE) for k in (576, 1536)}
-    as_bf16 = [w.view(DTYPE) for w in weights]  # the same bytes, for a plain read
-    total = sum(w.numel() for w in weights)
+    as_bf16 = [w.view(DTYPE) for w, *_ in matrices]  # the same bytes, for a plain read
+    total = sum(w.numel() for w, *_ in matrices)
 
     def matmuls():
-        for w, s, sc in zip(weights, sums, scales):
-            torch.ops.pinfer.int8_linear(x[w.shape[1]], w, s, sc)
+        for w, packed, s, sc in matrices:
+            torch.ops.pinfer.int8_gemm(x[w.shape[1]], packed, s, sc)
 
     def read():
         for w in as_bf16:
@@ -89,11 +96,31 @@ def int8_batch1() -> str:
             f"a sum over the same bytes {plain:.2f} ({total / plain / 1e6:.1f} GB/s)")
 
 
+def int8_batch64(matrices) -> str:
+    x = {k: torch.randn(64, k).to(DTYPE) for k in (576, 1536)}
+    ops = 2 * 64 * sum(w.numel() for w, *_ in matrices)
+
+    def pytorch_path():  # what Int8Linear runs without the GEMM: quantize -> _int_mm -> rescale
+        for w, _, _, sc in matrices:
+            xq, x_scale = torch.ops.pinfer.quantize_rows(x[w.shape[1]])
+            torch.ops.pinfer.dequantize_rows(torch._int_mm(xq, w.t()), x_scale, sc, DTYPE)
+
+    def gemm():
+        for w, packed, s, sc in matrices:
+            torch.ops.pinfer.int8_gemm(x[w.shape[1]], packed, s, sc)
+
+    ref, own = best_ms(pytorch_path, 5), best_ms(gemm, 5)
+    return (f"int8 batch-64 matmuls, 121 matrices: quantize + _int_mm + rescale {ref:.2f} ({ops / ref / 1e6:.0f} "
+            f"GOPS), VNNI GEMM {own:.2f} ({ops / own / 1e6:.0f} GOPS)")
+
+
 def main() -> None:
     assert kernels.load(), kernels.status()
     torch.manual_seed(0)
     print(f"ms per call, minimum of repeats, {torch.get_num_threads()} threads, {DTYPE}")
-    for line in (decode(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64), int8_batch1()):
+    matrices = smollm2_int8_matrices()
+    for line in (decode(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64),
+                 int8_batch1(matrices), int8_batch64(matrices)):
         print(" ", line)
 
 

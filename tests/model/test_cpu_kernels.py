@@ -167,21 +167,43 @@ def test_store_kv_writes_strided_rows_into_their_slots(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 7])  # <= 4: the VNNI kernel; 7: quantize -> _int_mm -> rescale
-def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows):
+# The VNNI GEMM on the packed copy (N % 16 == 0), else (964) quantize -> _int_mm -> rescale.
+# 1..7 rows: partial register tiles; 200: tiles of 6 rows and a partial one; 1,500 inputs:
+# K not a multiple of 64.
+@pytest.mark.parametrize("rows,in_features,out_features",
+                         [(1, 576, 964), (3, 576, 964), (4, 576, 960), (7, 576, 964), (7, 576, 960),
+                          (64, 576, 3072), (200, 1500, 944)])
+def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows, in_features, out_features):
     from pinfer.model.quantization import Int8Linear
 
     torch.manual_seed(0)
-    linear = Int8Linear(576, 964)  # 964: N % 4 == 0 but not a multiple of 16 (a partial vector)
-    linear.set_weight(torch.randn(964, 576) * 0.05)
-    x = torch.randn(rows, 576).to(dtype)
+    linear = Int8Linear(in_features, out_features)
+    linear.set_weight(torch.randn(out_features, in_features) * 0.05)
+    x = torch.randn(rows, in_features).to(dtype)
     x[0, 5] = 9.0  # a large value sets the row's scale
     ref = linear(x)
     with kernels.active():
         out = linear(x)
     assert out.dtype == dtype and torch.equal(out, ref)
-    if rows <= 4 and "avx512_vnni" in _cpu_flags():
-        assert kernels.has("int8_linear")  # the VNNI kernel ran, not the fallback
+    if "avx512_vnni" in _cpu_flags():  # the VNNI kernels ran, not the fallback
+        assert kernels.has("int8_gemm")
+        assert linear.qweight_vnni.numel() == (in_features * out_features if out_features % 16 == 0 else 0)
+
+
+def test_int8_packed_copy_follows_partial_row_updates():
+    """A weight update of some rows (a TP shard, a fused qkv part) repacks the blocks it touches."""
+    from pinfer.model.quantization import Int8Linear
+
+    torch.manual_seed(0)
+    linear = Int8Linear(64, 48)
+    linear.set_weight(torch.randn(48, 64))
+    linear.set_rows(10, torch.randn(20, 64))  # rows 10..29: parts of blocks 0 and 1
+    packed = linear.qweight.view(3, 16, 16, 4).permute(0, 2, 1, 3)
+    assert torch.equal(linear.qweight_vnni, packed)
+    x = torch.randn(9, 64)
+    ref = linear(x)
+    with kernels.active():
+        assert torch.equal(linear(x), ref)
 
 
 def test_the_build_finds_the_ninja_dependency_off_path(monkeypatch):

@@ -132,7 +132,7 @@ def active(enabled: bool = True) -> Iterator[None]:
 
 
 def has(op: str) -> bool:
-    """Whether the build has this op (int8_linear needs AVX512-VNNI, paged_prefill_attention
+    """Whether the build has this op (int8_gemm needs AVX512-VNNI, paged_prefill_attention
     AVX512-BF16; the rest AVX-512 F/BW)."""
     key = f"has {op}"
     if key not in _state:

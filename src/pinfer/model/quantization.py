@@ -5,8 +5,9 @@
           multiplied with torch._int_mm (oneDNN, VNNI/AMX int8): faster than
           bfloat16 at batch 1 and batch 64, and batch-invariant (an int32 sum is
           exact, and nothing is shared between rows). With pinfer's CPU kernels the
-          same arithmetic runs fused: one op quantizes the rows, and up to 4 rows
-          take a VNNI kernel that streams the weight once (kernels/cpu_ops.cpp).
+          same arithmetic runs fused in one op, a VNNI GEMM (kernels/cpu_ops.cpp) on
+          a copy of the weight packed for it (+1 byte per weight): ~1.6x faster than
+          _int_mm at batch 1 and 64 (examples/kernel_microbench.py).
     int4: weights 4-bit, one scale and one offset per group of 32 inputs
           (w = scale * q + zero, q in 0..15: GGUF Q4_1's format, so a Q4_0/Q4_1
           file's blocks load as they are). bfloat16 activations (torch's int4 CPU
@@ -146,8 +147,12 @@ class Int8Linear(_QuantizedLinear):
         super().__init__(in_features, out_features, bias, batch_invariant)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
-        # Row sums of qweight, for the CPU kernel (kernels/cpu_ops.cpp int8_linear), kept with it.
+        # Derived from qweight, for the CPU kernels (kernels/cpu_ops.cpp), kept with it: its row
+        # sums, and (when the shape allows) a copy in the layout of the VNNI GEMM, [N/16, K/4, 16, 4].
         self.register_buffer("qweight_sums", torch.zeros(out_features, dtype=torch.int32), persistent=False)
+        packable = out_features % 16 == 0 and in_features % 4 == 0
+        self.register_buffer("qweight_vnni", torch.zeros(
+            (out_features // 16, in_features // 4, 16, 4) if packable else (0,), dtype=torch.int8), persistent=False)
 
     def set_rows(self, offset: int, rows: torch.Tensor | Int8Weight) -> None:
         q = rows if isinstance(rows, Int8Weight) else quantize_int8(rows)
@@ -155,17 +160,20 @@ class Int8Linear(_QuantizedLinear):
         self.qweight[offset:end] = q.qweight
         self.scale[offset:end] = q.scale
         self.qweight_sums[offset:end] = q.qweight.sum(dim=1, dtype=torch.int32)
+        if self.qweight_vnni.numel():  # repack the 16-row blocks that the new rows touch
+            first, last = offset // 16, -(-end // 16)
+            block = self.qweight[first * 16:last * 16].view(last - first, 16, self.in_features // 4, 4)
+            self.qweight_vnni[first:last] = block.permute(0, 2, 1, 3)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Per-row scales: a row's result never depends on the other rows, and the int32
         # sum is exact, so this is batch-invariant in every mode (no tiles needed).
         if kernels.usable(x):
-            # The same ops fused (kernels/cpu_ops.cpp), so the same bits: for a few rows one
-            # VNNI kernel that streams the weight once, else quantize -> _int_mm -> rescale.
+            # The same ops fused (kernels/cpu_ops.cpp), so the same bits: a VNNI GEMM on the
+            # packed copy, or where the shape has none, quantize -> _int_mm -> rescale.
             x = x.contiguous()
-            if x.shape[0] <= 4 and self.in_features % 64 == 0 and self.out_features % 4 == 0 \
-                    and kernels.has("int8_linear"):
-                return torch.ops.pinfer.int8_linear(x, self.qweight, self.qweight_sums, self.scale)
+            if self.qweight_vnni.numel() and kernels.has("int8_gemm"):
+                return torch.ops.pinfer.int8_gemm(x, self.qweight_vnni, self.qweight_sums, self.scale)
             xq, x_scale = torch.ops.pinfer.quantize_rows(x)
             return torch.ops.pinfer.dequantize_rows(torch._int_mm(xq, self.qweight.t()), x_scale, self.scale, x.dtype)
         x = x.float()
