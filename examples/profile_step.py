@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumtime"], help="own time, or with callees")
     args = parser.parse_args()
 
     llm = LLM(dtype=args.dtype, quantization=args.quantization)
@@ -44,7 +45,7 @@ def main() -> None:
     steps = workload.max_tokens + 1  # one prefill step, then one step per further token (all batched together)
     print(f"{args.workload}: {tokens} tokens in {seconds:.2f} s under cProfile ({tokens / seconds:.0f} tok/s), "
           f"~{steps} steps, {seconds / steps * 1e3:.1f} ms a step")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":
