@@ -540,17 +540,103 @@ at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& x_scale, con
   return out;
 }
 
-#if defined(__AVX512VNNI__)
-// A GEMM on the weight packed for vpdpbusd, [N / 16, K / 4, 16, 4] (Int8Linear.qweight_vnni):
-// one 64-byte load is 4 k of 16 columns, multiplied by 4 bytes of an input row broadcast to
-// all lanes, so each lane accumulates one output and no horizontal sums are needed. vpdpbusd
-// multiplies unsigned by signed bytes, so the input goes in as xq + 128 and 128 * sum(w) comes
-// off. Register tile: up to 6 rows x 4 blocks of 16 columns (24 accumulators), the rescale
-// fused after it. One kernel for every M: at batch 1 it streams the weight at the machine's
-// read rate (4 streams), faster than the row-major GEMV with horizontal sums it replaced
-// (examples/kernel_microbench.py).
+// ---- GEMMs on weights packed for the dot-product instructions --------------------------------
+// The weight is laid out [N / 16, K / P, 16, P]: P = 4 int8 (vpdpbusd) or 2 bf16 (vdpbf16ps)
+// values of one column fill a 32-bit lane, so one 64-byte load is a "group" of P k's for 16
+// columns. Each group is multiplied by the same 4 bytes of an input row broadcast to all
+// lanes, and each lane accumulates one output: no horizontal sums. Register tile: up to 6
+// rows x 4 blocks of 16 columns (24 accumulators), the epilogue (rescale, bias, rounding)
+// after it. One kernel for every M: at batch 1 it streams the weight at the machine's read
+// rate (4 streams); examples/kernel_microbench.py compares it with oneDNN.
 constexpr int kGemmRows = 6, kGemmBlocks = 4;
 constexpr int64_t kGemmPanelRows = 192;  // input rows per pass over a thread's weight columns (in L2)
+
+// The tile's dot products, out of line and with its loops unrolled by pragma: else GCC 12
+// spills most of the 24 accumulators to the stack inside the k loop (seen in objdump).
+#define PINFER_UNROLL _Pragma("GCC unroll 8")
+template <class Dot, int MR, int NR>
+__attribute__((noinline)) void packed_dots(const uint8_t* x, int64_t x_stride, const uint8_t* w, int64_t groups,
+                                           const uint8_t* prefetch, uint8_t* dots) {
+  const int64_t block_bytes = groups * 64;
+  typename Dot::Acc acc[MR][NR];
+  PINFER_UNROLL for (int i = 0; i < MR; ++i)
+    PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = Dot::zero();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[NR];
+    PINFER_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + j * block_bytes + g * 64);
+    if (prefetch != nullptr)
+      PINFER_UNROLL for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + g * 64), _MM_HINT_T1);
+    PINFER_UNROLL for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, x + i * x_stride + g * 4, 4);
+      const __m512i xv = _mm512_set1_epi32(four);
+      PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = Dot::dot(acc[i][j], xv, wv[j]);
+    }
+  }
+  PINFER_UNROLL for (int i = 0; i < MR; ++i)
+    PINFER_UNROLL for (int j = 0; j < NR; ++j) Dot::store(dots + (i * NR + j) * 64, acc[i][j]);
+}
+
+template <class Dot, int MR>
+void packed_dots_rows(int nr, const uint8_t* x, int64_t x_stride, const uint8_t* w, int64_t groups,
+                      const uint8_t* prefetch, uint8_t* dots) {
+  switch (nr) {
+    case 4: packed_dots<Dot, MR, 4>(x, x_stride, w, groups, prefetch, dots); break;
+    case 3: packed_dots<Dot, MR, 3>(x, x_stride, w, groups, prefetch, dots); break;
+    case 2: packed_dots<Dot, MR, 2>(x, x_stride, w, groups, prefetch, dots); break;
+    default: packed_dots<Dot, MR, 1>(x, x_stride, w, groups, prefetch, dots); break;
+  }
+}
+
+// out rows x blocks tiles; epilogue(row, rows, block, blocks, dots) writes a tile's outputs from
+// its dots, [rows][blocks][16] accumulators (int32 or float32) in 64-byte rows.
+template <class Dot, class Epilogue>
+void packed_gemm(const uint8_t* x, int64_t m_dim, int64_t x_stride, const uint8_t* w, int64_t n_blocks,
+                 int64_t groups, const Epilogue& epilogue) {
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint8_t dots[kGemmRows * kGemmBlocks * 64];
+    for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
+      const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
+      for (int64_t nb = begin; nb < end; nb += kGemmBlocks) {
+        const int nr = static_cast<int>(std::min<int64_t>(kGemmBlocks, end - nb));
+        const uint8_t* wb = w + nb * groups * 64;
+        // the next columns' weights into L2 while this tile's are in use (from memory at every step)
+        const uint8_t* next_blocks = nb + kGemmBlocks < end ? wb + kGemmBlocks * groups * 64 : nullptr;
+        for (int64_t i = m0; i < m1; i += kGemmRows) {
+          const uint8_t* xi = x + i * x_stride;
+          const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
+          const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, m1 - i));
+          switch (mr) {
+            case 6: packed_dots_rows<Dot, 6>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+            case 5: packed_dots_rows<Dot, 5>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+            case 4: packed_dots_rows<Dot, 4>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+            case 3: packed_dots_rows<Dot, 3>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+            case 2: packed_dots_rows<Dot, 2>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+            default: packed_dots_rows<Dot, 1>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+          }
+          epilogue(i, mr, nb, nr, dots);
+        }
+      }
+    }
+  });
+}
+
+void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t per_lane, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4, name,
+              ": x [M, K] contiguous, weight packed [N / 16, K / P, 16, P]");
+  TORCH_CHECK(packed.size(1) * per_lane == x.size(1) && packed.size(2) == 16 && packed.size(3) == per_lane, name,
+              ": weight packed for K = ", packed.size(1) * per_lane, ", input has K = ", x.size(1));
+}
+
+#if defined(__AVX512VNNI__)
+// int8: vpdpbusd multiplies unsigned by signed bytes, so the input goes in as xq + 128 and
+// 128 * sum(w) comes off (Int8Linear.qweight_sums) before the rescale.
+struct Int8Dot {
+  using Acc = __m512i;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Acc dot(Acc acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static void store(uint8_t* p, Acc acc) { _mm512_store_si512(p, acc); }
+};
 
 template <typename T>
 float quantize_row_unsigned(const T* x, int64_t k_dim, int8_t* scratch, uint8_t* xu) {
@@ -562,65 +648,12 @@ float quantize_row_unsigned(const T* x, int64_t k_dim, int8_t* scratch, uint8_t*
   return x_scale;
 }
 
-// The dot products alone, out of line and with the tile loops unrolled by pragma: else GCC 12
-// spills most of the 24 accumulators to the stack inside the k loop (seen in objdump).
-#define PINFER_UNROLL _Pragma("GCC unroll 8")
-template <int MR, int NR>
-__attribute__((noinline)) void int8_gemm_dots(const uint8_t* xu, int64_t k_dim, const int8_t* w,
-                                              const int8_t* prefetch, int32_t (*dots)[NR][16]) {
-  const int64_t groups = k_dim / 4, block_bytes = groups * 64;
-  __m512i acc[MR][NR];
-  PINFER_UNROLL for (int i = 0; i < MR; ++i)
-    PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i wv[NR];
-    PINFER_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + j * block_bytes + g * 64);
-    if (prefetch != nullptr)
-      PINFER_UNROLL for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + g * 64), _MM_HINT_T1);
-    PINFER_UNROLL for (int i = 0; i < MR; ++i) {
-      int32_t four;
-      std::memcpy(&four, xu + i * k_dim + g * 4, 4);
-      const __m512i xv = _mm512_set1_epi32(four);
-      PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
-    }
-  }
-  PINFER_UNROLL for (int i = 0; i < MR; ++i)
-    PINFER_UNROLL for (int j = 0; j < NR; ++j) _mm512_store_si512(dots[i][j], acc[i][j]);
-}
-
-template <typename T, int MR, int NR>
-void int8_gemm_tile(const uint8_t* xu, int64_t k_dim, const int8_t* w, const int8_t* prefetch, const int32_t* sums,
-                    const float* x_scale, const float* w_scale, T* out, int64_t n_dim) {
-  alignas(64) int32_t dots[MR][NR][16];
-  int8_gemm_dots<MR, NR>(xu, k_dim, w, prefetch, dots);
-  for (int j = 0; j < NR; ++j) {
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + j * 16), 7);  // 128 * sum(w)
-    const __m512 ws = _mm512_loadu_ps(w_scale + j * 16);
-    for (int i = 0; i < MR; ++i) {
-      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(dots[i][j]), offset));
-      store16(out + i * n_dim + j * 16, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(x_scale[i])), ws));
-    }
-  }
-}
-
-template <typename T, int MR>
-void int8_gemm_rows(int nr, const uint8_t* xu, int64_t k_dim, const int8_t* w, const int8_t* prefetch,
-                    const int32_t* sums, const float* x_scale, const float* w_scale, T* out, int64_t n_dim) {
-  switch (nr) {
-    case 4: int8_gemm_tile<T, MR, 4>(xu, k_dim, w, prefetch, sums, x_scale, w_scale, out, n_dim); break;
-    case 3: int8_gemm_tile<T, MR, 3>(xu, k_dim, w, prefetch, sums, x_scale, w_scale, out, n_dim); break;
-    case 2: int8_gemm_tile<T, MR, 2>(xu, k_dim, w, prefetch, sums, x_scale, w_scale, out, n_dim); break;
-    default: int8_gemm_tile<T, MR, 1>(xu, k_dim, w, prefetch, sums, x_scale, w_scale, out, n_dim); break;
-  }
-}
-
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_sums, const at::Tensor& w_scale) {
   // x [M, K]; packed int8 [N / 16, K / 4, 16, 4]; w_sums int32 [N] = sum over k; w_scale float32 [N]
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4);
+  check_packed(x, packed, 4, "int8_gemm");
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
-  TORCH_CHECK(packed.size(1) * 4 == k_dim && packed.size(2) == 16 && packed.size(3) == 4 && k_dim % 4 == 0,
-              "int8_gemm: weight not packed for this input");
-  TORCH_CHECK(w_sums.numel() == n_dim && w_scale.numel() == n_dim && w_scale.scalar_type() == at::kFloat);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && w_sums.numel() == n_dim && w_scale.numel() == n_dim &&
+              w_scale.scalar_type() == at::kFloat);
   auto xu = at::empty({m_dim, k_dim}, x.options().dtype(at::kByte));
   auto scratch = at::empty({m_dim, k_dim}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));
@@ -633,37 +666,62 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
       for (int64_t r = begin; r < end; ++r)
         xs[r] = quantize_row_unsigned(xp + r * k_dim, k_dim, scratch.data_ptr<int8_t>() + r * k_dim, xup + r * k_dim);
     });
-    const int8_t* wp = packed.data_ptr<int8_t>();
     const int32_t* sums = w_sums.data_ptr<int32_t>();
     const float* ws = w_scale.data_ptr<float>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
-        const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
-        for (int64_t nb = begin; nb < end; nb += kGemmBlocks) {
-          const int nr = static_cast<int>(std::min<int64_t>(kGemmBlocks, end - nb));
-          const int8_t* w = wp + nb * k_dim * 16;
-          // the next columns' weights into L2 while this tile's are in use (from memory at every step)
-          const int8_t* next_block = nb + kGemmBlocks < end ? w + kGemmBlocks * k_dim * 16 : nullptr;
-          for (int64_t i = m0; i < m1; i += kGemmRows) {
-            const int8_t* next = i == m0 ? next_block : nullptr;
-            const uint8_t* xi = xup + i * k_dim;
-            scalar_t* o = op + i * n_dim + nb * 16;
-            const int32_t* s = sums + nb * 16;
-            const float* wsc = ws + nb * 16;
-            switch (std::min<int64_t>(kGemmRows, m1 - i)) {
-              case 6: int8_gemm_rows<scalar_t, 6>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-              case 5: int8_gemm_rows<scalar_t, 5>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-              case 4: int8_gemm_rows<scalar_t, 4>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-              case 3: int8_gemm_rows<scalar_t, 3>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-              case 2: int8_gemm_rows<scalar_t, 2>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-              default: int8_gemm_rows<scalar_t, 1>(nr, xi, k_dim, w, next, s, xs + i, wsc, o, n_dim); break;
-            }
-          }
+    // the PyTorch path's float(exact) * x_scale * w_scale, in that order
+    auto epilogue = [&](int64_t row, int rows, int64_t block, int blocks, const uint8_t* dots) {
+      for (int j = 0; j < blocks; ++j) {
+        const int64_t n = (block + j) * 16;
+        const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + n), 7);  // 128 * sum(w)
+        const __m512 w_s = _mm512_loadu_ps(ws + n);
+        for (int i = 0; i < rows; ++i) {
+          const __m512i dot = _mm512_load_si512(dots + (i * blocks + j) * 64);
+          const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, offset));
+          store16(op + (row + i) * n_dim + n, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(xs[row + i])), w_s));
         }
       }
-    });
+    };
+    packed_gemm<Int8Dot>(xup, m_dim, k_dim, reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>()), n_blocks,
+                         k_dim / 4, epilogue);
   });
+  return out;
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// bf16: float32 accumulators, + bias, rounded to bf16 once (model/packed_linear.py's PackedLinear).
+struct Bf16Dot {
+  using Acc = __m512;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc dot(Acc acc, __m512i x, __m512i w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+  static void store(uint8_t* p, Acc acc) { _mm512_store_ps(reinterpret_cast<float*>(p), acc); }
+};
+
+at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  // x bf16 [M, K]; packed bf16 [N / 16, K / 2, 16, 2]; bias [N] (any float dtype) or None
+  check_packed(x, packed, 2, "bf16_gemm");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "bf16_gemm: bfloat16 only");
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n_dim, "bf16_gemm: bias has ", bias->numel(), " values for ", n_dim, " outputs");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto out = at::empty({m_dim, n_dim}, x.options());
+  bf16* op = out.data_ptr<bf16>();
+  auto epilogue = [&](int64_t row, int rows, int64_t block, int blocks, const uint8_t* dots) {
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < blocks; ++j) {
+        const int64_t n = (block + j) * 16;
+        __m512 v = _mm512_load_ps(reinterpret_cast<const float*>(dots + (i * blocks + j) * 64));
+        if (bp != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + n));
+        store16(op + (row + i) * n_dim + n, v);
+      }
+  };
+  packed_gemm<Bf16Dot>(reinterpret_cast<const uint8_t*>(x.data_ptr<bf16>()), m_dim, k_dim * 2,
+                       reinterpret_cast<const uint8_t*>(packed.data_ptr<bf16>()), n_blocks, k_dim / 2, epilogue);
   return out;
 }
 #endif
@@ -814,6 +872,7 @@ TORCH_LIBRARY(pinfer, m) {
 #if defined(__AVX512BF16__)
   m.def("paged_prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, "
         "float scale) -> Tensor", &paged_prefill_attention);
+  m.def("bf16_gemm(Tensor x, Tensor packed, Tensor? bias) -> Tensor", &bf16_gemm);
 #endif
 #if defined(__AVX512VNNI__)
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
