@@ -19,6 +19,7 @@ from pinfer import kernels
 from pinfer.config import ModelConfig
 from pinfer.errors import ModelLoadError
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, store_and_attend
+from pinfer.model.fused_decode import decode_stack
 from pinfer.model.layers.norm import RMSNorm
 from pinfer.model.layers.rotary import RotaryEmbedding
 from pinfer.model.moe import SparseMoeBlock
@@ -130,6 +131,9 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:  # final hidden states [num_tokens, hidden]
         hidden, residual = self.embed_tokens(input_ids), None
+        fused = decode_stack(self, hidden, positions, kv_caches, meta, backend)  # model/fused_decode.py
+        if fused is not None:
+            return fused
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, positions, kv_cache, meta, backend)
         return self.norm.add_and_norm(hidden, residual)[0]
