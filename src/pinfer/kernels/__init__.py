@@ -1,12 +1,15 @@
 """pinfer's own CPU kernels (cpu_ops.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
 residual add, in-place RoPE, SwiGLU, the KV store, paged decode and (bf16) prefill attention,
-the sampler's plain-temperature path and int8 (w8a8) linears.
+the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
+vdpbf16ps (bf16), and a decode step's whole decoder stack in one call (model/fused_decode.py).
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
 batch 1 a third of the time in the ~30 small aten ops per layer around the matmuls; int8 lost
-to bf16 on the ops quantizing its activations. The kernels replace those (numbers in the
-README); the float matmuls stay oneDNN's.
+to bf16 on the ops quantizing its activations. Then the matmuls themselves: oneDNN streamed
+bf16 weights at ~17 GB/s at batch 1 where a plain read makes ~29, and _int_mm reached ~60% of
+the int8 dot-product rate at batch 64; and with the small ops fused, the Python around them
+was a third of a batch-1 token. The kernels replace those (numbers in the README).
 
 Built with torch's C++ extension loader (g++ and ninja, -march=native) the first time an
 engine starts on a CPU, ~10-30 s, and cached per machine under $PINFER_CACHE/kernels

@@ -3,7 +3,8 @@
 // Each one fuses what takes several aten ops in the PyTorch path, and exists because a
 // profile showed that path's cost: decode spent its time outside the matmuls in small
 // per-layer ops, in the decode attention's page gather + SDPA, in ~20 sampler passes over
-// [batch, vocab], and (int8) in the activation quantization around torch._int_mm.
+// [batch, vocab], and (int8) in the activation quantization around torch._int_mm; then in
+// the matmuls (oneDNN below the read rate at batch 1) and in the Python between the ops.
 // Arithmetic is float32 (int32 for int8 dot products); values are rounded to bf16 (to
 // nearest even) exactly where the PyTorch path rounds them. So the residual adds, RoPE,
 // SwiGLU, the KV store, the int8 linears and the sampled tokens and ranks have the PyTorch
