@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -224,6 +225,103 @@ inline void prefetch_row(const T* p, int64_t n) {
     _mm_prefetch(bytes + offset, _MM_HINT_T0);
 }
 
+// scores [rows][n] -> exp(s - max) in place, and 1 / sum per row
+inline void softmax_rows(float* scores, float* inv_sum, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * n;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - t), s + t));
+    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+      __mmask16 k = tail_mask(n - t);
+      __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
+      _mm512_mask_storeu_ps(s + t, k, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 decode, one work item: Q.K on vdpbf16ps (bf16 pairs, float32 sums; the scale after
+// the sum), 16 positions at a time with their 16 dot products summed by one shuffle tree
+// instead of 16 horizontal sums; P.V with each row's accumulators in registers (the same
+// float32 FMAs in the same order as the generic loop, so the same bits).
+
+// lane t = the sum of v[t]'s 16 lanes: 15 adds of shuffled halves; the tree leaves the lanes
+// permuted, the last step puts them in order.
+inline __m512 sum_each_of_16(__m512* v) {
+  for (int i = 0; i < 8; ++i)
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 4], 0x88), _mm512_shuffle_f32x4(v[i], v[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    v[i] = _mm512_add_ps(_mm512_shuffle_ps(v[i], v[i + 2], 0x44), _mm512_shuffle_ps(v[i], v[i + 2], 0xEE));
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), z);
+}
+
+// q: the item's span * group query rows [rows][D]; k_rows/v_rows[t]: position t's row in the
+// pool at the item's first kv head; out: the item's rows. scores: [rows][n] scratch.
+template <int VECS>  // D / 32: bf16 registers per head row
+void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* const* v_rows, int64_t n, int64_t span,
+                      int64_t group, float scale, float* scores, float* inv_sum, bf16* out) {
+  constexpr int64_t D = VECS * 32;
+  constexpr int C16 = VECS * 2;                   // float32 vectors per row
+  constexpr int R = C16 >= 16 ? 1 : 16 / C16;     // rows per P.V pass: 16 accumulators
+  const int64_t rows = span * group;
+  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(k_rows[t], span * D);
+  for (int64_t h = 0; h < span; ++h)
+    for (int64_t r = 0; r < group; ++r) {
+      const int64_t row = h * group + r;
+      const bool first_pass = row == 0;  // the one that fetches the pages: prefetch ahead of it
+      __m512i qv[VECS];
+      for (int c = 0; c < VECS; ++c) qv[c] = _mm512_loadu_si512(q + row * D + c * 32);
+      for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        const int64_t count = std::min<int64_t>(16, n - t0);
+        __m512 dots[16];
+        for (int u = 0; u < 16; ++u) {
+          __m512 acc = _mm512_setzero_ps();
+          if (u < count) {
+            const bf16* kp = k_rows[t0 + u] + h * D;
+            if (first_pass && t0 + u + kPrefetch < n) prefetch_row(k_rows[t0 + u + kPrefetch], span * D);
+            for (int c = 0; c < VECS; ++c)
+              acc = _mm512_dpbf16_ps(acc, (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512(kp + c * 32));
+          }
+          dots[u] = acc;
+        }
+        _mm512_mask_storeu_ps(scores + row * n + t0, tail_mask(count),
+                              _mm512_mul_ps(sum_each_of_16(dots), _mm512_set1_ps(scale)));
+      }
+    }
+  softmax_rows(scores, inv_sum, rows, n);
+  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(v_rows[t], span * D);
+  for (int64_t h = 0; h < span; ++h)
+    for (int64_t r0 = 0; r0 < group; r0 += R) {
+      const int64_t rr = std::min<int64_t>(R, group - r0), row0 = h * group + r0;
+      const bool first_pass = row0 == 0;
+      __m512 acc[R][C16];
+      for (int i = 0; i < R; ++i)
+        for (int c = 0; c < C16; ++c) acc[i][c] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        if (first_pass && t + kPrefetch < n) prefetch_row(v_rows[t + kPrefetch], span * D);
+        const bf16* vp = v_rows[t] + h * D;
+        __m512 vv[C16];
+        for (int c = 0; c < C16; ++c) vv[c] = load16(vp + c * 16);
+        for (int i = 0; i < R; ++i) {
+          if (i >= rr) break;
+          const __m512 p = _mm512_set1_ps(scores[(row0 + i) * n + t]);
+          for (int c = 0; c < C16; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
+        }
+      }
+      for (int64_t i = 0; i < rr; ++i)
+        for (int c = 0; c < C16; ++c)
+          store16(out + (row0 + i) * D + c * 16, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv_sum[row0 + i])));
+    }
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                            const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
@@ -241,6 +339,7 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
   const int64_t rows = span * group;  // query rows of an item: head h0 + r / group for row r
   at::parallel_for(0, num_seqs * spans_per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(rows * head_dim), acc(rows * head_dim), scores, inv_sum(rows);
+    std::vector<const T*> k_rows, v_rows;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / spans_per_seq, h0 = (item % spans_per_seq) * span;
       const int64_t len = context_lens[b];
@@ -248,16 +347,31 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
       const int64_t n = len - first;
       const int64_t* table = block_tables + b * max_blocks;
       scores.resize(rows * n);
+      // The pages are cold (the layer's weights went through the caches since the last step)
+      // and scattered: both paths fetch a few positions ahead, or they wait on each row's misses.
+      auto at_pos = [&](const T* cache, int64_t pos) {
+        return cache + table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
+      };
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
+          k_rows.resize(n);
+          v_rows.resize(n);
+          for (int64_t t = 0; t < n; ++t) k_rows[t] = at_pos(k_cache, first + t), v_rows[t] = at_pos(v_cache, first + t);
+          const T* qi = q + b * q_stride + h0 * group * head_dim;
+          T* oi = out + (b * num_heads + h0 * group) * head_dim;
+          auto item_fn = head_dim == 64 ? bf16_decode_item<2> : head_dim == 128 ? bf16_decode_item<4> : bf16_decode_item<8>;
+          item_fn(qi, k_rows.data(), v_rows.data(), n, span, group, static_cast<float>(scale), scores.data(),
+                  inv_sum.data(), oi);
+          continue;
+        }
+      }
+#endif
       for (int64_t r = 0; r < rows; ++r) {
         const T* qr = q + b * q_stride + (h0 * group + r) * head_dim;
         for (int64_t c = 0; c < chunks; ++c)
           store16(qf.data() + r * head_dim + c * 16, _mm512_mul_ps(load16(qr + c * 16), _mm512_set1_ps(scale)));
       }
-      // The pages are cold (the layer's weights went through the caches since the last step)
-      // and scattered: fetch a few positions ahead, or the loop waits on each row's misses.
-      auto at_pos = [&](const T* cache, int64_t pos) {
-        return cache + table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
-      };
       // fn(t, row of position first + t), in order, the rows kPrefetch positions ahead prefetched
       auto for_each_position = [&](const T* cache, auto&& fn) {
         for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(cache, first + t), span * head_dim);
@@ -275,20 +389,7 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
           scores[r * n + t] = _mm512_reduce_add_ps(dot);
         }
       });
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = scores.data() + r * n;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < n; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - t), s + t));
-        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < n; t += 16) {
-          __mmask16 k = tail_mask(n - t);
-          __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
-          _mm512_mask_storeu_ps(s + t, k, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
-      }
+      softmax_rows(scores.data(), inv_sum.data(), rows, n);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for_each_position(v_cache, [&](int64_t t, const T* vp) {
         for (int64_t r = 0; r < rows; ++r) {
