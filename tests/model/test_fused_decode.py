@@ -1,5 +1,5 @@
 """The decode step's decoder stack in one kernel call (model/fused_decode.py) computes the
-module path's bits: the same tokens and logprobs from the real SmolLM2 weights (bf16, int8)
+module path's bits: the same tokens and logprobs from the real SmolLM2 weights (bf16, int8, int4)
 and from tiny Qwen2 (qkv bias) and Mistral (sliding window) checkpoints, and it steps aside
 where a layer would take other ops (Qwen3's q/k norms)."""
 
@@ -55,7 +55,7 @@ def assert_same(fused, modules) -> None:
             assert f.outputs[0].logprobs == m.outputs[0].logprobs  # every entry, bit for bit
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_smollm2_fused_decode_has_the_module_path_bits(smollm2_gguf, quantization, monkeypatch):
     llm = LLM(str(smollm2_gguf), dtype="bfloat16", quantization=quantization, kv_cache_memory="64MiB")
     chat = llm.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}])

@@ -956,25 +956,31 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
 // What model/llama.py's Llama-family layers run when every sequence feeds one token, as the
 // ops above in the same order, so the same bits: the Python path spends ~25 interpreter-level
 // calls per layer around them, ~5 ms of a 15 ms batch-1 token on 2 cores. Layers without q/k
-// norms or experts, bf16, every linear packed for one of the GEMMs above (the caller checks).
-// weights: per layer qkv, o, gate_up, down; each 1 tensor (bf16 packed) or 3 (int8: packed,
-// row sums, scales). biases: per layer 4, empty for none. norms: per layer input and post-attention,
-// then the final norm.
+// norms or experts, bf16, every linear of one kind below (the caller checks).
+// weights: per layer qkv, o, gate_up, down, each as the linear's kind holds it: bf16 packed
+// (1 tensor), int8 (3: packed, row sums, scales) or int4 (2: torch's int4 packing, scales and
+// zeros; torch's int4 matmul, as Int4Linear runs it). biases: per layer 4, empty for none.
+// norms: per layer input and post-attention, then the final norm.
+enum LinearKind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+constexpr int64_t kTensorsPerLinear[] = {1, 3, 2};
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-at::Tensor packed_linear(const at::Tensor& x, at::TensorList weights, int64_t first, bool int8, const at::Tensor& bias) {
-  if (!int8) return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
-  at::Tensor out = int8_gemm(x, weights[first], weights[first + 1], weights[first + 2]);
-  return bias.numel() ? out + bias : out;  // Int8Linear adds its bias after the matmul, in x's dtype
+at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind, int64_t group_size,
+                        const at::Tensor& bias) {
+  if (kind == kBf16) return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+  at::Tensor out = kind == kInt8 ? int8_gemm(x, weights[first], weights[first + 1], weights[first + 2])
+                                 : at::_weight_int4pack_mm_for_cpu(x, weights[first], group_size, weights[first + 1]);
+  return bias.numel() ? out + bias : out;  // the quantized linears add their bias after the matmul, in x's dtype
 }
 
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& positions, at::TensorList k_caches,
                          at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
-                         at::TensorList norms, at::TensorList weights, at::TensorList biases, bool int8,
-                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
+                         at::TensorList norms, at::TensorList weights, at::TensorList biases, int64_t kind,
+                         int64_t group_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
                          int64_t sliding_window) {
-  const int64_t layers = static_cast<int64_t>(k_caches.size()), per_linear = int8 ? 3 : 1;
+  TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "decode_layers: linear kind ", kind);
+  const int64_t layers = static_cast<int64_t>(k_caches.size()), per_linear = kTensorsPerLinear[kind];
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == 2 * k_caches.size() + 1 &&
               static_cast<int64_t>(weights.size()) == 4 * per_linear * layers && biases.size() == 4 * k_caches.size(),
               "decode_layers: ", layers, " layers need 2 per layer + 1 norms, 4 linears and 4 biases per layer");
@@ -984,7 +990,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = 4 * per_linear * l;
     if (l > 0) hidden = add_rms_norm(hidden, residual, norms[2 * l], eps);
-    at::Tensor qkv = packed_linear(hidden, weights, w, int8, biases[4 * l]);
+    at::Tensor qkv = stack_linear(hidden, weights, w, kind, group_size, biases[4 * l]);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
@@ -992,10 +998,10 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
     store_kv(k, v, k_cache, v_cache, slot_mapping);
     at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
-    at::Tensor o = packed_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, int8, biases[4 * l + 1]);
+    at::Tensor o = stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, group_size, biases[4 * l + 1]);
     hidden = add_rms_norm(o, residual, norms[2 * l + 1], eps);
-    at::Tensor gate_up = packed_linear(hidden, weights, w + 2 * per_linear, int8, biases[4 * l + 2]);
-    hidden = packed_linear(silu_mul(gate_up), weights, w + 3 * per_linear, int8, biases[4 * l + 3]);
+    at::Tensor gate_up = stack_linear(hidden, weights, w + 2 * per_linear, kind, group_size, biases[4 * l + 2]);
+    hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, group_size, biases[4 * l + 3]);
   }
   return add_rms_norm(hidden, residual, norms[2 * layers], eps);
 }
@@ -1032,7 +1038,7 @@ TORCH_LIBRARY(pinfer, m) {
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   m.def("decode_layers(Tensor hidden, Tensor positions, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
-        "Tensor[] biases, bool int8, int num_heads, int num_kv_heads, int head_dim, float eps, float scale, "
+        "Tensor[] biases, int kind, int group_size, int num_heads, int num_kv_heads, int head_dim, float eps, float scale, "
         "int sliding_window) -> Tensor", &decode_layers);
 #endif
 #endif

@@ -8,9 +8,9 @@ cores, ~10% of a batch-64 step. decode_layers runs the same kernels in the same 
 C++, so the outputs are the module path's bits (tests/model/test_cpu_kernels.py checks).
 
 It applies only where every layer would take exactly those kernels: bf16, the paged backend,
-no q/k norms (Qwen3), no experts, full-width RoPE, every linear packed for pinfer's GEMMs
-(bf16 PackedLinear with own_kernel, or int8 with its VNNI copy), no per-layer hooks (trace
-layer spans). Everywhere else the modules run as usual.
+no q/k norms (Qwen3), no experts, full-width RoPE, every linear of one kind: bf16 packed for
+pinfer's GEMM (PackedLinear.own_kernel), int8 with its VNNI copy, or int4 (torch's int4
+matmul, called from C++), and no per-layer hooks (trace layer spans). Everywhere else the modules run as usual.
 """
 
 from __future__ import annotations
@@ -21,22 +21,29 @@ from torch import nn
 from pinfer import kernels
 from pinfer.model.layers.norm import RMSNorm
 from pinfer.model.packed_linear import PackedLinear
-from pinfer.model.quantization import Int8Linear
+from pinfer.model.quantization import Int4Linear, Int8Linear
 
 _NO_BIAS = torch.empty(0)
 
 
-def _linear_tensors(linear: nn.Module) -> tuple[bool, list[torch.Tensor]] | None:
-    """(is int8, the GEMM's tensors) of a linear packed for pinfer's GEMMs, else None."""
+# the kinds decode_layers takes (cpu_ops.cpp LinearKind)
+BF16, INT8, INT4 = 0, 1, 2
+
+
+def _linear_tensors(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
+    """(kind, int4 group size or 0, the tensors the kernel reads) of a linear whose forward is
+    one of the kernel's matmuls, else None."""
     if isinstance(linear, PackedLinear) and linear.own_kernel and linear.packed_weight is not None:
-        return False, [linear.packed_weight]
+        return BF16, 0, [linear.packed_weight]
     if isinstance(linear, Int8Linear) and linear.qweight_vnni.numel() and kernels.has("int8_gemm"):
-        return True, [linear.qweight_vnni, linear.qweight_sums, linear.scale]
+        return INT8, 0, [linear.qweight_vnni, linear.qweight_sums, linear.scale]
+    if isinstance(linear, Int4Linear) and not linear.batch_invariant:
+        return INT4, linear.group_size, [linear.qweight, linear.scales_and_zeros]
     return None
 
 
-def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, bool, int] | None:
-    """(norms, weights, biases, int8, sliding window or 0) for decode_layers, or None where it does not apply. Read
+def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, tuple[int, int], int] | None:
+    """(norms, weights, biases, (linear kind, int4 group size), sliding window or 0) for decode_layers, or None where it does not apply. Read
     from the modules at every step, so weight updates and repacking are always seen."""
     config = model.config
     rotary = model.layers[0].self_attn.rotary
@@ -58,8 +65,8 @@ def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, bool, in
             packed = _linear_tensors(linear)
             if packed is None:
                 return None
-            kinds.add(packed[0])
-            weights += packed[1]
+            kinds.add(packed[:2])
+            weights += packed[2]
             biases.append(_NO_BIAS if linear.bias is None else linear.bias)
     norms.append(model.norm.weight)
     if len(kinds) != 1 or len(windows) != 1 or any(n.dtype != torch.bfloat16 for n in norms):
@@ -76,10 +83,10 @@ def decode_stack(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
     tensors = stack_tensors(model, backend)
     if tensors is None:
         return None
-    norms, weights, biases, int8, window = tensors
+    norms, weights, biases, (kind, group_size), window = tensors
     config, rotary = model.config, model.layers[0].self_attn.rotary
     return torch.ops.pinfer.decode_layers(
         hidden, positions, [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
-        meta.block_tables, meta.context_lens, rotary.cos, rotary.sin, norms, weights, biases, int8,
+        meta.block_tables, meta.context_lens, rotary.cos, rotary.sin, norms, weights, biases, kind, group_size,
         config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps,
         model.layers[0].self_attn.scale, window)
