@@ -114,13 +114,37 @@ def int8_batch64(matrices) -> str:
             f"GOPS), VNNI GEMM {own:.2f} ({ops / own / 1e6:.0f} GOPS)")
 
 
+def bf16_matmuls(rows: int) -> str:
+    """The 121 matrices in bf16 (cycled, from memory): oneDNN on its packed weights (what
+    PackedLinear runs without the kernels) vs pinfer's GEMM on its own packing."""
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
+    matrices = []
+    for n, k in shapes:
+        w = (torch.randn(n, k) * 0.05).to(DTYPE)
+        own = w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+        matrices.append((k, torch.ops.mkldnn._reorder_linear_weight(w, 64), own))
+        del w
+    x = {k: torch.randn(rows, k).to(DTYPE) for k in (576, 1536)}
+
+    def onednn():
+        for k, packed, _ in matrices:
+            torch.ops.mkldnn._linear_pointwise(x[k], packed, None, "none", [], "")
+
+    def gemm():
+        for k, _, own in matrices:
+            torch.ops.pinfer.bf16_gemm(x[k], own, None)
+
+    ref, own = best_ms(onednn, 5), best_ms(gemm, 5)
+    return f"bf16 batch-{rows} matmuls, 121 matrices: oneDNN (packed) {ref:.2f}, pinfer GEMM {own:.2f}"
+
+
 def main() -> None:
     assert kernels.load(), kernels.status()
     torch.manual_seed(0)
     print(f"ms per call, minimum of repeats, {torch.get_num_threads()} threads, {DTYPE}")
     matrices = smollm2_int8_matrices()
     for line in (decode(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64),
-                 int8_batch1(matrices), int8_batch64(matrices)):
+                 int8_batch1(matrices), int8_batch64(matrices), bf16_matmuls(1), bf16_matmuls(64)):
         print(" ", line)
 
 

@@ -357,10 +357,15 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
         if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
           k_rows.resize(n);
           v_rows.resize(n);
-          for (int64_t t = 0; t < n; ++t) k_rows[t] = at_pos(k_cache, first + t), v_rows[t] = at_pos(v_cache, first + t);
+          for (int64_t t = 0; t < n; ++t) {
+            k_rows[t] = at_pos(k_cache, first + t);
+            v_rows[t] = at_pos(v_cache, first + t);
+          }
           const T* qi = q + b * q_stride + h0 * group * head_dim;
           T* oi = out + (b * num_heads + h0 * group) * head_dim;
-          auto item_fn = head_dim == 64 ? bf16_decode_item<2> : head_dim == 128 ? bf16_decode_item<4> : bf16_decode_item<8>;
+          auto item_fn = head_dim == 64    ? bf16_decode_item<2>
+                         : head_dim == 128 ? bf16_decode_item<4>
+                                           : bf16_decode_item<8>;
           item_fn(qi, k_rows.data(), v_rows.data(), n, span, group, static_cast<float>(scale), scores.data(),
                   inv_sum.data(), oi);
           continue;
@@ -667,7 +672,8 @@ __attribute__((noinline)) void packed_dots(const uint8_t* x, int64_t x_stride, c
     __m512i wv[NR];
     PINFER_UNROLL for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + j * block_bytes + g * 64);
     if (prefetch != nullptr)
-      PINFER_UNROLL for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + g * 64), _MM_HINT_T1);
+      PINFER_UNROLL for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + g * 64), _MM_HINT_T1);
     PINFER_UNROLL for (int i = 0; i < MR; ++i) {
       int32_t four;
       std::memcpy(&four, x + i * x_stride + g * 4, 4);
@@ -745,12 +751,14 @@ float quantize_row_unsigned(const T* x, int64_t k_dim, int8_t* scratch, uint8_t*
   const float x_scale = quantize_row(x, k_dim, scratch);
   for (int64_t k = 0; k < k_dim; k += 64) {
     __mmask64 m = k_dim - k >= 64 ? ~0ULL : ((1ULL << (k_dim - k)) - 1);
-    _mm512_mask_storeu_epi8(xu + k, m, _mm512_add_epi8(_mm512_maskz_loadu_epi8(m, scratch + k), _mm512_set1_epi8(-128)));
+    const __m512i q = _mm512_maskz_loadu_epi8(m, scratch + k);
+    _mm512_mask_storeu_epi8(xu + k, m, _mm512_add_epi8(q, _mm512_set1_epi8(-128)));  // + 128, mod 256
   }
   return x_scale;
 }
 
-at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_sums, const at::Tensor& w_scale) {
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_sums,
+                     const at::Tensor& w_scale) {
   // x [M, K]; packed int8 [N / 16, K / 4, 16, 4]; w_sums int32 [N] = sum over k; w_scale float32 [N]
   check_packed(x, packed, 4, "int8_gemm");
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
@@ -977,8 +985,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
                          at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
                          at::TensorList norms, at::TensorList weights, at::TensorList biases, int64_t kind,
-                         int64_t group_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale,
-                         int64_t sliding_window) {
+                         int64_t group_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                         double scale, int64_t sliding_window) {
   TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "decode_layers: linear kind ", kind);
   const int64_t layers = static_cast<int64_t>(k_caches.size()), per_linear = kTensorsPerLinear[kind];
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == 2 * k_caches.size() + 1 &&
@@ -998,7 +1006,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
     at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
     store_kv(k, v, k_cache, v_cache, slot_mapping);
     at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
-    at::Tensor o = stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, group_size, biases[4 * l + 1]);
+    at::Tensor o =
+        stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, group_size, biases[4 * l + 1]);
     hidden = add_rms_norm(o, residual, norms[2 * l + 1], eps);
     at::Tensor gate_up = stack_linear(hidden, weights, w + 2 * per_linear, kind, group_size, biases[4 * l + 2]);
     hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, group_size, biases[4 * l + 3]);
@@ -1038,8 +1047,8 @@ TORCH_LIBRARY(pinfer, m) {
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   m.def("decode_layers(Tensor hidden, Tensor positions, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
-        "Tensor[] biases, int kind, int group_size, int num_heads, int num_kv_heads, int head_dim, float eps, float scale, "
-        "int sliding_window) -> Tensor", &decode_layers);
+        "Tensor[] biases, int kind, int group_size, int num_heads, int num_kv_heads, int head_dim, float eps, "
+        "float scale, int sliding_window) -> Tensor", &decode_layers);
 #endif
 #endif
 }

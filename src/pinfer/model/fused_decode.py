@@ -4,13 +4,15 @@ When every sequence of a step feeds one token, a Llama-family layer is a fixed s
 pinfer's CPU kernels: add+norm, qkv GEMM, RoPE, KV store, paged decode attention, o GEMM,
 add+norm, gate/up GEMM, SwiGLU, down GEMM. Run from Python, each layer also costs ~25
 interpreter-level calls (module calls, views, checks): ~5 ms of a ~15 ms batch-1 token on 2
-cores, ~10% of a batch-64 step. decode_layers runs the same kernels in the same order from
-C++, so the outputs are the module path's bits (tests/model/test_cpu_kernels.py checks).
+cores (less of a batch-64 step, where the matmuls dominate). decode_layers runs the same
+kernels in the same order from C++, so the outputs are the module path's bits
+(tests/model/test_fused_decode.py checks).
 
 It applies only where every layer would take exactly those kernels: bf16, the paged backend,
-no q/k norms (Qwen3), no experts, full-width RoPE, every linear of one kind: bf16 packed for
-pinfer's GEMM (PackedLinear.own_kernel), int8 with its VNNI copy, or int4 (torch's int4
-matmul, called from C++), and no per-layer hooks (trace layer spans). Everywhere else the modules run as usual.
+no q/k norms (Qwen3), no experts, full-width RoPE, one kind of linear in every layer (bf16
+packed for pinfer's GEMM, PackedLinear.own_kernel; int8 with its VNNI copy; or int4, whose
+torch matmul it calls from C++), and no per-layer hooks (trace layer spans). Everywhere else
+the modules run as usual.
 """
 
 from __future__ import annotations
@@ -24,10 +26,7 @@ from pinfer.model.packed_linear import PackedLinear
 from pinfer.model.quantization import Int4Linear, Int8Linear
 
 _NO_BIAS = torch.empty(0)
-
-
-# the kinds decode_layers takes (cpu_ops.cpp LinearKind)
-BF16, INT8, INT4 = 0, 1, 2
+BF16, INT8, INT4 = 0, 1, 2  # the linear kinds decode_layers takes (cpu_ops.cpp LinearKind)
 
 
 def _linear_tensors(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
@@ -43,8 +42,9 @@ def _linear_tensors(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | 
 
 
 def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, tuple[int, int], int] | None:
-    """(norms, weights, biases, (linear kind, int4 group size), sliding window or 0) for decode_layers, or None where it does not apply. Read
-    from the modules at every step, so weight updates and repacking are always seen."""
+    """(norms, weights, biases, (linear kind, int4 group size), sliding window or 0) for
+    decode_layers, or None where it does not apply. Read from the modules at every step, so
+    weight updates and repacking are always seen."""
     config = model.config
     rotary = model.layers[0].self_attn.rotary
     if (backend.name != "paged" or not kernels.has("decode_layers") or config.qk_norm
