@@ -174,3 +174,34 @@ def test_released_window_blocks_stay_in_the_prefix_cache():
     bm.free(first)
     bm.free(second)
     assert bm.num_free_blocks == 16 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_untouched_last_reuses_used_blocks_before_touching_new_ones():
+    """A CPU pool's pages cost memory once first written: with untouched_last, a second
+    request evicts the first one's cached blocks (LRU) instead of taking never-used ones,
+    and never-used blocks are taken only when no used one is free."""
+    bm = BlockManager(num_blocks=8, block_size=BS, untouched_last=True)
+    first = make_seq(0, list(range(8)))  # 2 full blocks
+    admit(bm, first)
+    used = set(first.block_table)
+    bm.free(first)
+    assert bm.num_free_blocks == 8
+    second = make_seq(1, [7] * 8)
+    admit(bm, second)
+    assert set(second.block_table) == used  # the same two blocks again
+    assert bm.match_prefix(make_seq(2, list(range(8)))) == []  # first's contents were evicted
+    third = make_seq(3, [5] * 12)  # needs 3 blocks, none used and free: untouched ones now
+    admit(bm, third)
+    assert not set(third.block_table) & used
+    bm.free(second)
+    bm.free(third)
+    assert bm.num_free_blocks == 8
+
+
+def test_default_order_keeps_cached_blocks_while_untouched_ones_remain():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    first = make_seq(0, list(range(8)))
+    admit(bm, first)
+    bm.free(first)
+    admit(bm, make_seq(1, [7] * 8))
+    assert len(bm.match_prefix(make_seq(2, list(range(8))))) == 1  # still cached (hit leaves the last token)

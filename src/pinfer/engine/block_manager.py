@@ -11,6 +11,13 @@ serve wrong K/V. A block whose ref count drops to 0 keeps its contents and its
 hash: it is "cached but unused" and sits in the free list, least recently
 freed first, so allocation evicts in LRU order.
 
+Untouched blocks last (`untouched_last`, the engine's choice for a CPU pool, whose pages cost
+memory only once a step first writes them): allocation takes a block that held something
+before, evicting cached contents in LRU order, and touches a never-used block only when
+none is free. The resident pool then follows the peak number of blocks in use rather than
+growing with every new prompt until the whole pool is resident; the price is that cached
+contents are evicted while untouched capacity remains.
+
 Sliding window (every layer attends to the last W tokens only, as in Mistral):
 a running sequence's leading blocks that lie wholly before the window of the
 next token it computes are never read again, so they go back to the pool while
@@ -21,7 +28,7 @@ now holds changes nothing.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from pinfer.engine.sequence import Sequence
@@ -41,14 +48,17 @@ def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, untouched_last: bool = False):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.sliding_window = sliding_window  # set only when *every* layer has this window
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in LRU order (oldest first). Values unused; OrderedDict gives O(1) removal on a cache hit.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # With untouched_last, the never-used blocks wait apart and are taken only when it is empty.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict() if untouched_last else \
+            OrderedDict((i, None) for i in range(num_blocks))
+        self.untouched_blocks: deque[int] = deque(range(num_blocks) if untouched_last else ())
         self.hash_to_block: dict[int, int] = {}
         # hashes of each sequence's full blocks, in order (the chain)
         self.seq_block_hashes: dict[int, list[int]] = {}
@@ -63,7 +73,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_blocks) + len(self.untouched_blocks)
 
     @property
     def usage(self) -> float:
@@ -77,7 +87,10 @@ class BlockManager:
     # ---- allocation -------------------------------------------------------------
 
     def _take_free_block(self) -> Block:
-        block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed
+        if self.free_blocks:
+            block_id, _ = self.free_blocks.popitem(last=False)  # least recently freed
+        else:
+            block_id = self.untouched_blocks.popleft()
         block = self.blocks[block_id]
         if block.hash is not None:  # evict its cached contents
             if self.hash_to_block.get(block.hash) == block_id:

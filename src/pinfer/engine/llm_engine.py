@@ -111,8 +111,10 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs, max_num_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, tracer=self.tracer,
                                   tensor_parallel_size=tp, tp_group=self.tp_group, compile=config.compile)
+        # A lazily zeroed (CPU) pool costs memory per block first used: reuse used blocks first.
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                          sliding_window=model.shared_sliding_window)
+                                          sliding_window=model.shared_sliding_window,
+                                          untouched_last=self.runner.pool_is_lazy)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

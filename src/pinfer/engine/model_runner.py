@@ -191,6 +191,11 @@ class ModelRunner:
         self.blocks_zeroed = 0  # blocks zeroed on first use so far (CPU)
         return [(self._pool[i, 0], self._pool[i, 1]) for i in range(self.config.num_layers)]
 
+    @property
+    def pool_is_lazy(self) -> bool:
+        """True where pool blocks cost memory only once first used (the CPU pool, zeroed on first use)."""
+        return self._zeroed is not None
+
     def zero_new_blocks(self, block_tables: torch.Tensor) -> None:
         """Zero the pool blocks of this step's tables that were never used (CPU pools only).
         The bookkeeping is numpy on the host tables: no tensor work on steps without a new block."""
