@@ -1045,7 +1045,9 @@ TORCH_LIBRARY(pinfer, m) {
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  m.def("decode_layers(Tensor hidden, Tensor positions, Tensor[] k_caches, Tensor[] v_caches, Tensor slot_mapping, "
+  // hidden is the first residual, updated in place, as the module path does with the embedding output
+  m.def("decode_layers(Tensor(c!) hidden, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
         "Tensor[] biases, int kind, int group_size, int num_heads, int num_kv_heads, int head_dim, float eps, "
         "float scale, int sliding_window) -> Tensor", &decode_layers);
