@@ -18,6 +18,9 @@ from pinfer.sampling.sampler import _plain_random_sample
 
 H, HKV, D, BS, VOCAB = 9, 3, 64, 16, 49152
 DTYPE = torch.bfloat16
+# SmolLM2's 121 matrices (qkv, o, gate_up, down x 30 layers, the head), [N, K]; cycled
+# through, they come from memory as in a decode step
+MATRIX_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
 
 
 def best_ms(fn, repeats: int = 30) -> float:
@@ -67,14 +70,11 @@ def sampler(rows: int) -> str:
 
 
 def smollm2_int8_matrices():
-    """SmolLM2's 121 int8 matrices (qkv, o, gate_up, down x 30 layers, the head), as Int8Linear
-    would hold them; cycled through, they come from memory as in a decode step."""
-    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
+    """The matrices in int8, as Int8Linear holds them."""
     matrices = []
-    for n, k in shapes:
+    for n, k in MATRIX_SHAPES:
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        packed = w.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous()
-        matrices.append((w, packed, w.sum(1, dtype=torch.int32), torch.rand(n)))
+        matrices.append((w, kernels.pack_for_gemm(w).contiguous(), w.sum(1, dtype=torch.int32), torch.rand(n)))
     return matrices
 
 
@@ -115,15 +115,12 @@ def int8_batch64(matrices) -> str:
 
 
 def bf16_matmuls(rows: int) -> str:
-    """The 121 matrices in bf16 (cycled, from memory): oneDNN on its packed weights (what
-    PackedLinear runs without the kernels) vs pinfer's GEMM on its own packing."""
-    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(VOCAB, 576)]
+    """The matrices in bf16: oneDNN on its packed weights (what PackedLinear runs without the
+    kernels) vs pinfer's GEMM on its own packing."""
     matrices = []
-    for n, k in shapes:
+    for n, k in MATRIX_SHAPES:
         w = (torch.randn(n, k) * 0.05).to(DTYPE)
-        own = w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-        matrices.append((k, torch.ops.mkldnn._reorder_linear_weight(w, 64), own))
-        del w
+        matrices.append((k, torch.ops.mkldnn._reorder_linear_weight(w, 64), kernels.pack_for_gemm(w).contiguous()))
     x = {k: torch.randn(rows, k).to(DTYPE) for k in (576, 1536)}
 
     def onednn():

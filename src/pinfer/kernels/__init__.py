@@ -134,9 +134,24 @@ def active(enabled: bool = True) -> Iterator[None]:
         _active.reset(token)
 
 
+def pack_for_gemm(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] in the layout of cpu_ops.cpp's GEMMs, [N/16, K/P, 16, P]: P = 4 int8 or
+    2 bf16 values of a column per 32-bit lane (the vpdpbusd / vdpbf16ps operand). A view: the
+    callers copy it where they keep it. Needs N % 16 == 0 and K % P == 0."""
+    n, k = weight.shape
+    per_lane = 4 // weight.element_size()
+    return weight.view(n // 16, 16, k // per_lane, per_lane).permute(0, 2, 1, 3)
+
+
+def unpack_from_gemm(packed: torch.Tensor) -> torch.Tensor:
+    """pack_for_gemm's inverse: [N/16, K/P, 16, P] -> [N, K] (exact)."""
+    blocks, groups, _, per_lane = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(blocks * 16, groups * per_lane)
+
+
 def has(op: str) -> bool:
-    """Whether the build has this op (int8_gemm needs AVX512-VNNI, paged_prefill_attention
-    AVX512-BF16; the rest AVX-512 F/BW)."""
+    """Whether the build has this op (int8_gemm needs AVX512-VNNI; paged_prefill_attention and
+    bf16_gemm AVX512-BF16; decode_layers both; the rest AVX-512 F/BW)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = bool(_state["loaded"]) and hasattr(torch.ops.pinfer, op)

@@ -8,8 +8,8 @@
 // Arithmetic is float32 (int32 for int8 dot products); values are rounded to bf16 (to
 // nearest even) exactly where the PyTorch path rounds them. So the residual adds, RoPE,
 // SwiGLU, the KV store, the int8 linears and the sampled tokens and ranks have the PyTorch
-// path's bits; the norms (their mean), attention and logprobs differ from it by float32
-// summation order. tests/model/test_cpu_kernels.py checks each against that path.
+// path's bits; the norms (their mean), attention, the bf16 GEMM and logprobs differ from it
+// by float32 summation order. tests/model/test_cpu_kernels.py checks each against that path.
 //
 // Built with -march=native by kernels/__init__.py, once per machine; without AVX-512
 // the file still compiles and available() says false, and the engine keeps the PyTorch path.

@@ -59,7 +59,7 @@ class PackedLinear(nn.Linear):
         self.own_kernel = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and n % 16 == 0
                            and k % 2 == 0 and kernels.load() and kernels.has("bf16_gemm"))
         if self.own_kernel:
-            self.packed_weight = weight.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+            self.packed_weight = kernels.pack_for_gemm(weight).contiguous()
         else:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
         if self.owns_weight:
@@ -73,8 +73,8 @@ class PackedLinear(nn.Linear):
         self.packed_weight = None
 
     def _dense(self) -> torch.Tensor:
-        if self.own_kernel:  # exact: the inverse permutation
-            return self.packed_weight.permute(0, 2, 1, 3).reshape(self.dense_shape)
+        if self.own_kernel:
+            return kernels.unpack_from_gemm(self.packed_weight)
         return self.packed_weight.to_dense()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

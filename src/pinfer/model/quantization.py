@@ -6,8 +6,9 @@
           bfloat16 at batch 1 and batch 64, and batch-invariant (an int32 sum is
           exact, and nothing is shared between rows). With pinfer's CPU kernels the
           same arithmetic runs fused in one op, a VNNI GEMM (kernels/cpu_ops.cpp) on
-          a copy of the weight packed for it (+1 byte per weight): ~1.6x faster than
-          _int_mm at batch 1 and 64 (examples/kernel_microbench.py).
+          a copy of the weight packed for it (+1 byte per weight): over SmolLM2's
+          121 matrices ~2x _int_mm at batch 1 (1.6x the row-major GEMV it replaced)
+          and 1.6-1.8x at batch 64 (examples/kernel_microbench.py).
     int4: weights 4-bit, one scale and one offset per group of 32 inputs
           (w = scale * q + zero, q in 0..15: GGUF Q4_1's format, so a Q4_0/Q4_1
           file's blocks load as they are). bfloat16 activations (torch's int4 CPU
@@ -162,8 +163,7 @@ class Int8Linear(_QuantizedLinear):
         self.qweight_sums[offset:end] = q.qweight.sum(dim=1, dtype=torch.int32)
         if self.qweight_vnni.numel():  # repack the 16-row blocks that the new rows touch
             first, last = offset // 16, -(-end // 16)
-            block = self.qweight[first * 16:last * 16].view(last - first, 16, self.in_features // 4, 4)
-            self.qweight_vnni[first:last] = block.permute(0, 2, 1, 3)
+            self.qweight_vnni[first:last] = kernels.pack_for_gemm(self.qweight[first * 16:last * 16])
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Per-row scales: a row's result never depends on the other rows, and the int32
