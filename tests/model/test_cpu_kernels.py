@@ -233,3 +233,36 @@ def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_head
     ref = prefill_one(query, k_cache, v_cache, tables[0], context_len, scale)
     out = torch.ops.pinfer.paged_prefill_attention(query, k_cache, v_cache, tables[0], context_len, scale)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("processed", [False, True])
+@pytest.mark.parametrize("shape", ["normal", "one_top"])
+def test_gumbel_sample_kernel_matches_the_pytorch_path(processed, shape):
+    """The kernel gives noise only to tokens that can still win; the skipped ones never could.
+    one_top: one token 13 above the rest, so some rows (more at T > 1) sample a token far below the
+    top, inside the kernel's bound (19.5 at T=1; a tighter bound would skip them)."""
+    from pinfer.sampling.random import row_keys
+    from pinfer.sampling.sampler import _plain_random_sample
+
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 64, 49157  # not a multiple of 16
+    if shape == "normal":
+        logits = torch.randn(rows, vocab, generator=gen) * 3
+    else:
+        logits = torch.randn(rows, vocab, generator=gen) * 0.1 - 13
+        logits[:, 7] = 0.0
+    logits = logits.to(torch.bfloat16)
+    logits[3, 100:116] = logits[3].max()  # tied top logits: the noise decides, the first maximum wins ties
+    logits[4] = logits[4].clamp(max=0)
+    logits[4, -1] = float("inf")  # an infinite logit always wins
+    temperature = torch.tensor([1.0, 1.0, 1.0, 0.7, 1.3, 1.0, 2.0, 0.5] * 8)
+    seeds, steps = torch.arange(rows) * 7919, torch.arange(rows) % 5
+    tokens, logprobs, ranks = torch.ops.pinfer.gumbel_sample(logits, temperature, row_keys(seeds, steps), processed)
+    want_tokens, want_logprobs, want_ranks = _plain_random_sample(logits, temperature, seeds, steps, processed)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(ranks, want_ranks)
+    # float32 sums of 49k terms in another order: a few 1e-5 apart near logprob 0
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=2e-6, atol=5e-5, equal_nan=True)
+    assert tokens[4].item() == vocab - 1
+    if shape == "one_top":
+        assert 3 <= (tokens != 7).sum().item() <= 40  # rows that sampled far below the top
