@@ -494,7 +494,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
 // What sampling/sampler.py's _plain_random_sample computes, in three passes over each row
 // instead of ~20 aten passes over [B, V]: the counter-based noise of sampling/random.py bit
 // for bit (the same 32-bit hash, and Sleef's logf, which aten's log uses), so the same tokens;
-// the logsumexp sums in another order, so logprobs agree to float32 rounding. Noise only for the tokens that can win (below).
+// the logsumexp sums in another order, so logprobs agree to float32 rounding. Only the tokens
+// that can still win get noise (gumbel_sample_rows).
 
 
 inline __m512i lowbias32(__m512i x, bool finish) {
