@@ -13,7 +13,8 @@ from pinfer.errors import ModelLoadError, PinferError
 from pinfer.loading.checkpoint import Checkpoint
 from pinfer.loading.resolve import resolve_model
 from pinfer.loading.safetensors_loader import SafetensorsCheckpoint
-from pinfer.model.quantization import quantize_model
+from pinfer.model.huge_pages import move_to_huge_pages
+from pinfer.model.quantization import hot_quantized_tensors, quantize_model
 from pinfer.model.registry import check_architecture, model_class_for
 
 
@@ -84,6 +85,7 @@ def _quantize(model: nn.Module, checkpoint: Checkpoint, mode: str, device: torch
     prequantized = blocks() if mode == "int4" and blocks is not None else ()
     with torch.no_grad():  # not inference_mode: update_weights later writes these buffers in place
         quantize_model(model, mode, batch_invariant=deterministic, prequantized=prequantized)
+    move_to_huge_pages(hot_quantized_tensors(model))
     try:  # glibc keeps the freed float weights in its heap otherwise (RSS stays ~100 MiB higher)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

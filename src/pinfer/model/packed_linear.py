@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pinfer import kernels
+from pinfer.model.huge_pages import move_to_huge_pages
 
 PACK_BATCH_HINT = 64  # oneDNN picks the blocked layout for this many rows; measured as good for 1 too
 
@@ -95,14 +96,21 @@ def pack_linears(model: nn.Module) -> int:
     """Turn every plain nn.Linear of `model` into a packed PackedLinear (and pack unpacked ones
     again), in place; returns how many."""
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    packed = 0
+    modules = []
     for module in model.modules():
         if type(module) is nn.Linear or (isinstance(module, PackedLinear) and module.packed_weight is None):
             module.__class__ = PackedLinear  # keeps the parameters and their names
             module.owns_weight = id(module.weight) not in shared
-            module.pack()
-            packed += 1
-    return packed
+            modules.append(module)
+    _pack(modules)
+    return len(modules)
+
+
+def _pack(modules: list[PackedLinear]) -> None:
+    for module in modules:
+        module.pack()
+    # pinfer's own layout is a plain tensor: into one buffer of 2 MiB pages (huge_pages.py)
+    move_to_huge_pages([(m, "packed_weight") for m in modules if m.own_kernel])
 
 
 def packed_modules(model: nn.Module) -> list[PackedLinear]:
@@ -119,5 +127,4 @@ def dense_weights(model: nn.Module, repack: bool = True) -> Iterator[None]:
         yield
     finally:
         if repack:
-            for module in modules:
-                module.pack()
+            _pack(modules)

@@ -269,6 +269,18 @@ def quantize_model(model: nn.Module, mode: str, batch_invariant: bool = False,
     return model
 
 
+def hot_quantized_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The (module, buffer name) pairs a quantized decode step streams: int8's VNNI copy, int4's
+    packed weights and their scales (model/huge_pages.py puts them on 2 MiB pages)."""
+    hot = []
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            hot.append((module, "qweight_vnni"))
+        elif isinstance(module, Int4Linear):
+            hot += [(module, "qweight"), (module, "scales_and_zeros")]
+    return hot
+
+
 class QuantizedWeightLoader:
     """model.load_weights for a quantized model: tensors for quantized linears are
     quantized into them (a fused qkv/gate_up part is a row range: int8 scales are
