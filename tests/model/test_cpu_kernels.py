@@ -266,3 +266,39 @@ def test_gumbel_sample_kernel_matches_the_pytorch_path(processed, shape):
     assert tokens[4].item() == vocab - 1
     if shape == "one_top":
         assert 3 <= (tokens != 7).sum().item() <= 40  # rows that sampled far below the top
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemm_is_the_w4a8_arithmetic(rows, dtype):
+    """int4 weights x int8 activations: per group of 32, x_scale * (s * sum xq q + z * sum xq)
+    with the integer sums exact; against that computed in float64 (only the float32 sums over
+    groups and the output rounding differ), and near the float matmul by the dequantized weight."""
+    from pinfer.model.quantization import dequantize, quantize_int4
+
+    gen = torch.Generator().manual_seed(5)
+    n, k = 80, 96  # 5 blocks of 16 columns: tiles of 4 and 2 blocks with a remainder; 3 groups
+    weight = torch.randn(n, k, generator=gen) * 0.05
+    q = quantize_int4(weight)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    out = torch.ops.pinfer.int4_gemm(x, kernels.pack_int4(q.qweight, q.scale, q.zero))
+    assert out.dtype == dtype and out.shape == (rows, n)
+
+    xq, x_scale = torch.ops.pinfer.quantize_rows(x)  # the per-row int8 quantization Int8Linear uses
+    xq = xq.double().view(rows, 1, k // 32, 32)
+    qw = q.qweight.double().view(1, n, k // 32, 32)
+    s = q.scale.to(torch.bfloat16).double().unsqueeze(0)  # the kernel keeps scales and zeros in bf16
+    z = q.zero.to(torch.bfloat16).double().unsqueeze(0)
+    per_group = s * (xq * qw).sum(-1) + z * xq.sum(-1)  # [rows, n, groups]
+    want = (per_group.sum(-1) * x_scale.double().view(rows, 1)).to(dtype)
+    torch.testing.assert_close(out.float(), want.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+    reference = x.float() @ dequantize(q).t()  # the activations' int8 rounding is the rest
+    assert (out.float() - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_int4_gemm_rejects_a_weight_packed_for_another_k():
+    q = torch.zeros(16, 64, dtype=torch.int32)
+    packed = kernels.pack_int4(q, torch.ones(16, 2), torch.zeros(16, 2))
+    with pytest.raises(RuntimeError, match="packed for K = 64, input has K = 96"):
+        torch.ops.pinfer.int4_gemm(torch.randn(1, 96), packed)

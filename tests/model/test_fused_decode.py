@@ -91,3 +91,27 @@ def test_qwen3_qk_norms_take_the_modules(tmp_path, tokenizer_dir):
     assert fused_decode.stack_tensors(runner.model, runner.backend) is None
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_weight_updates_and_replaced_modules_reach_the_fused_stack(tmp_path, tokenizer_dir, quantization,
+                                                                   monkeypatch):
+    """The plan of where the tensors live is made once; the tensors are read at every step."""
+    path = tiny_checkpoint(tmp_path, tokenizer_dir, Qwen2Config(**TINY))
+    llm = LLM(str(path), dtype="bfloat16", quantization=quantization, kv_cache_memory="4MiB")
+    runner = llm.engine.runner
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    before, _, fused_steps = generate_both_ways(llm, prompts, monkeypatch)
+    assert fused_steps > 0 and runner.model.__dict__.get(fused_decode._PLAN) is not None
+
+    trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    trained = {name: w * 1.5 if "mlp" in name else w for name, w in trained.items()}
+    llm.engine.update_weights(trained)  # unpacks, writes, packs again: new tensors
+    fused, modules, fused_steps = generate_both_ways(llm, prompts, monkeypatch)
+    assert fused_steps > 0
+    assert_same(fused, modules)  # the fused stack saw the new weights
+    assert fused[0][0].outputs[0].token_ids != before[0][0].outputs[0].token_ids
+
+    layer = runner.model.layers[1]
+    layer.mlp = type(layer.mlp)(runner.model.config).to(torch.bfloat16)  # a replaced submodule, unpacked
+    assert fused_decode.stack_tensors(runner.model, runner.backend) is None  # voids the plan: the modules run

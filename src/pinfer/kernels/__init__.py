@@ -149,9 +149,29 @@ def unpack_from_gemm(packed: torch.Tensor) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(blocks * 16, groups * per_lane)
 
 
+def pack_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int4 groups of 32 (w = scale * q + zero, q 0..15: [N, K], scale and zero [N, K / 32]) in
+    cpu_ops.cpp's int4_gemm layout, uint8 [N/16, K/32, 5, 64]: per 16 columns and group, four
+    64-byte vectors of nibbles, lane j holding column j's k's 8v..8v+7 (8v..8v+3 in the low
+    nibbles, 8v+4..8v+7 in the high ones), then the group's 16 scales and 16 zeros in bf16.
+    Needs N % 16 == 0."""
+    n, k = qweight.shape
+    groups = k // 32
+    q = qweight.to(torch.uint8).view(n // 16, 16, groups, 4, 8).permute(0, 2, 3, 1, 4)  # [N/16, G, v, lane, 8]
+    nibbles = (q[..., :4] | (q[..., 4:] << 4)).reshape(n // 16, groups, 4, 64)
+
+    def lanes(values: torch.Tensor) -> torch.Tensor:  # [N, G] -> bf16 bytes [N/16, G, 32]
+        per_lane = values.to(torch.bfloat16).view(n // 16, 16, groups).permute(0, 2, 1).contiguous()
+        return per_lane.view(torch.uint8)
+
+    scales = torch.cat([lanes(scale), lanes(zero)], dim=2).unsqueeze(2)  # [N/16, G, 1, 64]
+    return torch.cat([nibbles, scales], dim=2).contiguous()
+
+
 def has(op: str) -> bool:
-    """Whether the build has this op (int8_gemm needs AVX512-VNNI; paged_prefill_attention and
-    bf16_gemm AVX512-BF16; decode_layers both; the rest AVX-512 F/BW)."""
+    """Whether the build has this op (int8_gemm and int4_gemm need AVX512-VNNI;
+    paged_prefill_attention and bf16_gemm AVX512-BF16; decode_layers both; the rest AVX-512
+    F/BW)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = bool(_state["loaded"]) and hasattr(torch.ops.pinfer, op)

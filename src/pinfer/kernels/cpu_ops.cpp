@@ -893,6 +893,141 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }
 #endif
 
+#if defined(__AVX512VNNI__)
+// ---- int4 weights x int8 activations (W4A8) ---------------------------------------------------
+// What llama.cpp does for Q4_1 x Q8: w = q * s + z per group of 32 k's (q 0..15), the input
+// row quantized to int8 (quantize_row, one scale per row), and per group
+//   sum_k x w = x_scale * (s * sum_k xq q + z * sum_k xq),
+// the first sum exact in int32 by vpdpbusd (the nibbles, unsigned, times the bytes of xq). The
+// weight is laid out [N/16, K/32, 5, 64 bytes]: per 16 columns and group, four 64-byte loads
+// of nibbles, lane j holding column j's 8 k's 8v..8v+7 (low nibbles 8v..8v+3, high 8v+4..8v+7),
+// then the group's s and z as bf16, 16 of each; one stream, 0.625 bytes a weight.
+constexpr int64_t kInt4Group = 32, kInt4GroupBytes = 5 * 64;
+
+template <int MR, int NR>
+__attribute__((noinline)) void int4_tile(const int8_t* xq, int64_t k_dim, const int32_t* xsums, const float* xs,
+                                         const uint8_t* w, int64_t groups, int64_t block_stride,
+                                         const uint8_t* prefetch, float* out, int64_t out_stride) {
+  __m512 acc[MR][NR];
+  PINFER_UNROLL for (int i = 0; i < MR; ++i)
+    PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dots[MR][NR];
+    PINFER_UNROLL for (int i = 0; i < MR; ++i)
+      PINFER_UNROLL for (int j = 0; j < NR; ++j) dots[i][j] = _mm512_setzero_si512();
+    if (prefetch != nullptr)
+      PINFER_UNROLL for (int j = 0; j < NR; ++j)
+        PINFER_UNROLL for (int c = 0; c < 5; ++c)
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_stride + g * kInt4GroupBytes + c * 64),
+                       _MM_HINT_T1);
+    PINFER_UNROLL for (int v = 0; v < 4; ++v) {
+      __m512i lo[NR], hi[NR];
+      PINFER_UNROLL for (int j = 0; j < NR; ++j) {
+        const __m512i packed = _mm512_loadu_si512(w + j * block_stride + g * kInt4GroupBytes + v * 64);
+        lo[j] = _mm512_and_si512(packed, low4);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      }
+      PINFER_UNROLL for (int i = 0; i < MR; ++i) {
+        int32_t first, second;
+        std::memcpy(&first, xq + i * k_dim + g * kInt4Group + v * 8, 4);
+        std::memcpy(&second, xq + i * k_dim + g * kInt4Group + v * 8 + 4, 4);
+        const __m512i x0 = _mm512_set1_epi32(first), x1 = _mm512_set1_epi32(second);
+        PINFER_UNROLL for (int j = 0; j < NR; ++j)
+          dots[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dots[i][j], lo[j], x0), hi[j], x1);
+      }
+    }
+    PINFER_UNROLL for (int j = 0; j < NR; ++j) {
+      const uint8_t* sz = w + j * block_stride + g * kInt4GroupBytes + 4 * 64;
+      const __m512 s = load16(reinterpret_cast<const bf16*>(sz)), z = load16(reinterpret_cast<const bf16*>(sz) + 16);
+      PINFER_UNROLL for (int i = 0; i < MR; ++i) {
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i][j]), s, acc[i][j]);
+        acc[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(xsums[i * groups + g])), z, acc[i][j]);
+      }
+    }
+  }
+  PINFER_UNROLL for (int i = 0; i < MR; ++i)
+    PINFER_UNROLL for (int j = 0; j < NR; ++j)
+      _mm512_storeu_ps(out + i * out_stride + j * 16, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(xs[i])));
+}
+
+template <int MR>
+void int4_tile_rows(int nr, const int8_t* xq, int64_t k_dim, const int32_t* xsums, const float* xs, const uint8_t* w,
+                    int64_t groups, int64_t block_stride, const uint8_t* prefetch, float* out, int64_t out_stride) {
+  switch (nr) {
+    case 4: int4_tile<MR, 4>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
+    case 3: int4_tile<MR, 3>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
+    case 2: int4_tile<MR, 2>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
+    default: int4_tile<MR, 1>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
+  }
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed) {
+  // x [M, K] float32/bf16; packed uint8 [N / 16, K / 32, 5, 64] (model/quantization.py pack_int4)
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.scalar_type() == at::kByte && packed.size(2) == 5 && packed.size(3) == 64,
+              "int4_gemm: x [M, K] contiguous, weight packed uint8 [N / 16, K / 32, 5, 64]");
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
+  const int64_t groups = packed.size(1);
+  TORCH_CHECK(groups * kInt4Group == k_dim, "int4_gemm: weight packed for K = ", groups * kInt4Group,
+              ", input has K = ", k_dim);
+  auto xq = at::empty({m_dim, k_dim}, x.options().dtype(at::kChar));
+  auto xsums = at::empty({m_dim, groups}, x.options().dtype(at::kInt));
+  auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));
+  auto out_f = at::empty({m_dim, n_dim}, x.options().dtype(at::kFloat));
+  PINFER_DISPATCH(x.scalar_type(), "int4_gemm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    int8_t* xqp = xq.data_ptr<int8_t>();
+    int32_t* sums = xsums.data_ptr<int32_t>();
+    float* xs = x_scale.data_ptr<float>();
+    at::parallel_for(0, m_dim, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        xs[r] = quantize_row(xp + r * k_dim, k_dim, xqp + r * k_dim);
+        for (int64_t g = 0; g < groups; ++g) {
+          int32_t sum = 0;
+          for (int64_t k = 0; k < kInt4Group; ++k) sum += xqp[r * k_dim + g * kInt4Group + k];
+          sums[r * groups + g] = sum;
+        }
+      }
+    });
+  });
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t block_stride = groups * kInt4GroupBytes;
+  const int8_t* xqp = xq.data_ptr<int8_t>();
+  const int32_t* sums = xsums.data_ptr<int32_t>();
+  const float* xs = x_scale.data_ptr<float>();
+  float* op = out_f.data_ptr<float>();
+  // Rows share each unpacked weight vector. Tiles that fit the 32 registers (float and int32
+  // accumulators, unpacked nibbles): 1-2 rows x 4 blocks of 16 columns (batch 1: four weight
+  // streams), else 4 rows x 2 blocks.
+  const int rows_per_tile = m_dim <= 2 ? static_cast<int>(m_dim) : 4, blocks_per_tile = m_dim <= 2 ? 4 : 2;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
+      const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
+      for (int64_t nb = begin; nb < end; nb += blocks_per_tile) {
+        const int nr = static_cast<int>(std::min<int64_t>(blocks_per_tile, end - nb));
+        const uint8_t* wb = w + nb * block_stride;
+        const uint8_t* next_blocks = nb + blocks_per_tile < end ? wb + blocks_per_tile * block_stride : nullptr;
+        for (int64_t i = m0; i < m1; i += rows_per_tile) {
+          const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m1 - i));
+          const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
+          const int8_t* xi = xqp + i * k_dim;
+          const int32_t* si = sums + i * groups;
+          float* oi = op + i * n_dim + nb * 16;
+          switch (mr) {
+            case 4: int4_tile_rows<4>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+            case 3: int4_tile_rows<3>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+            case 2: int4_tile_rows<2>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+            default: int4_tile_rows<1>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+          }
+        }
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? out_f : out_f.to(x.scalar_type());
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16: float32 accumulators, + bias, rounded to bf16 once (model/packed_linear.py's PackedLinear).
 struct Bf16Dot {
@@ -1060,18 +1195,18 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
 // calls per layer around them, ~5 ms of a 15 ms batch-1 token on 2 cores. Layers without q/k
 // norms or experts, bf16, every linear of one kind below (the caller checks).
 // weights: per layer qkv, o, gate_up, down, each as the linear's kind holds it: bf16 packed
-// (1 tensor), int8 (3: packed, row sums, scales) or int4 (2: torch's int4 packing, scales and
-// zeros; torch's int4 matmul, as Int4Linear runs it). biases: per layer 4, empty for none.
+// (1 tensor), int8 (3: packed, row sums, scales) or int4 (1: packed with its scales, for
+// int4_gemm). biases: per layer 4, empty for none.
 // norms: per layer input and post-attention, then the final norm.
 enum LinearKind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
-constexpr int64_t kTensorsPerLinear[] = {1, 3, 2};
+constexpr int64_t kTensorsPerLinear[] = {1, 3, 1};
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind, int64_t group_size,
+at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind,
                         const at::Tensor& bias) {
   if (kind == kBf16) return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
   at::Tensor out = kind == kInt8 ? int8_gemm(x, weights[first], weights[first + 1], weights[first + 2])
-                                 : at::_weight_int4pack_mm_for_cpu(x, weights[first], group_size, weights[first + 1]);
+                                 : int4_gemm(x, weights[first]);
   return bias.numel() ? out + bias : out;  // the quantized linears add their bias after the matmul, in x's dtype
 }
 
@@ -1079,7 +1214,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
                          at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
                          at::TensorList norms, at::TensorList weights, at::TensorList biases, int64_t kind,
-                         int64_t group_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
                          double scale, int64_t sliding_window) {
   TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "decode_layers: linear kind ", kind);
   const int64_t layers = static_cast<int64_t>(k_caches.size()), per_linear = kTensorsPerLinear[kind];
@@ -1092,7 +1227,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = 4 * per_linear * l;
     if (l > 0) hidden = add_rms_norm(hidden, residual, norms[2 * l], eps);
-    at::Tensor qkv = stack_linear(hidden, weights, w, kind, group_size, biases[4 * l]);
+    at::Tensor qkv = stack_linear(hidden, weights, w, kind, biases[4 * l]);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
@@ -1101,10 +1236,10 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
     store_kv(k, v, k_cache, v_cache, slot_mapping);
     at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
     at::Tensor o =
-        stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, group_size, biases[4 * l + 1]);
+        stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, biases[4 * l + 1]);
     hidden = add_rms_norm(o, residual, norms[2 * l + 1], eps);
-    at::Tensor gate_up = stack_linear(hidden, weights, w + 2 * per_linear, kind, group_size, biases[4 * l + 2]);
-    hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, group_size, biases[4 * l + 3]);
+    at::Tensor gate_up = stack_linear(hidden, weights, w + 2 * per_linear, kind, biases[4 * l + 2]);
+    hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, biases[4 * l + 3]);
   }
   return add_rms_norm(hidden, residual, norms[2 * layers], eps);
 }
@@ -1137,13 +1272,14 @@ TORCH_LIBRARY(pinfer, m) {
 #endif
 #if defined(__AVX512VNNI__)
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
+  m.def("int4_gemm(Tensor x, Tensor packed) -> Tensor", &int4_gemm);
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   // hidden is the first residual, updated in place, as the module path does with the embedding output
   m.def("decode_layers(Tensor(c!) hidden, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
-        "Tensor[] biases, int kind, int group_size, int num_heads, int num_kv_heads, int head_dim, float eps, "
+        "Tensor[] biases, int kind, int num_heads, int num_kv_heads, int head_dim, float eps, "
         "float scale, int sliding_window) -> Tensor", &decode_layers);
 #endif
 #endif

@@ -10,12 +10,14 @@ kernels in the same order from C++, so the outputs are the module path's bits
 
 It applies only where every layer would take exactly those kernels: bf16, the paged backend,
 no q/k norms (Qwen3), no experts, full-width RoPE, one kind of linear in every layer (bf16
-packed for pinfer's GEMM, PackedLinear.own_kernel; int8 with its VNNI copy; or int4, whose
-torch matmul it calls from C++), and no per-layer hooks (trace layer spans). Everywhere else
+packed for pinfer's GEMM, PackedLinear.own_kernel; int8 with its VNNI copy; or int4 with its
+W4A8 copy), and no per-layer hooks (trace layer spans). Everywhere else
 the modules run as usual.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,51 +29,113 @@ from pinfer.model.quantization import Int4Linear, Int8Linear
 
 _NO_BIAS = torch.empty(0)
 BF16, INT8, INT4 = 0, 1, 2  # the linear kinds decode_layers takes (cpu_ops.cpp LinearKind)
+_PLAN = "_fused_decode_plan"  # where a model keeps its plan
+
+Ref = tuple[dict, str]  # a module's _parameters / _buffers / __dict__, and a name in it
 
 
-def _linear_tensors(linear: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
-    """(kind, int4 group size or 0, the tensors the kernel reads) of a linear whose forward is
-    one of the kernel's matmuls, else None."""
+def _ref(module: nn.Module, name: str) -> Ref:
+    """Where module.<name> lives (a parameter set to None, e.g. no bias, is a plain attribute)."""
+    for where in (module._parameters, module._buffers, vars(module)):
+        if name in where:
+            return where, name
+    raise AttributeError(f"{type(module).__name__} has no {name!r}")
+
+
+def _linear_refs(linear: nn.Module) -> tuple[int, list[Ref], list[tuple[Ref, object]]] | None:
+    """(kind, where the tensors the kernel reads live, (flag, value) pairs that must hold) of a
+    linear whose forward is one of the kernel's matmuls, else None."""
     if isinstance(linear, PackedLinear) and linear.own_kernel and linear.packed_weight is not None:
-        return BF16, 0, [linear.packed_weight]
+        return BF16, [_ref(linear, "packed_weight")], [(_ref(linear, "own_kernel"), True)]
     if isinstance(linear, Int8Linear) and linear.qweight_vnni.numel() and kernels.has("int8_gemm"):
-        return INT8, 0, [linear.qweight_vnni, linear.qweight_sums, linear.scale]
-    if isinstance(linear, Int4Linear) and not linear.batch_invariant:
-        return INT4, linear.group_size, [linear.qweight, linear.scales_and_zeros]
+        return INT8, [_ref(linear, name) for name in ("qweight_vnni", "qweight_sums", "scale")], []
+    if isinstance(linear, Int4Linear) and linear.qweight_w4a8.numel() and kernels.has("int4_gemm"):
+        return INT4, [_ref(linear, "qweight_w4a8")], []
     return None
 
 
-def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, tuple[int, int], int] | None:
-    """(norms, weights, biases, (linear kind, int4 group size), sliding window or 0) for
-    decode_layers, or None where it does not apply. Read from the modules at every step, so
-    weight updates and repacking are always seen."""
+@dataclass
+class _StackPlan:
+    """Where decode_layers' tensors live in a model, found once: reading ~600 module attributes
+    through nn.Module.__getattr__ at every step cost ~0.4 ms, 4-5% of a batch-1 token. The
+    tensors themselves are read at every step (dict lookups), so weight updates, repacking and
+    huge-page moves are seen; replacing a submodule voids the plan (`walked`)."""
+
+    backend: str
+    layers: list[nn.Module]
+    walked: list[tuple[dict, str, nn.Module, type]]  # (parent's _modules, name, module, its class)
+    flags: list[tuple[Ref, object]]
+    norms: list[Ref]
+    weights: list[Ref]
+    biases: list[Ref]
+    kind: int
+    window: int
+
+    def holds(self, backend) -> bool:
+        return backend.name == self.backend and all(
+            flag[0].get(flag[1]) == value for flag, value in self.flags) and all(
+            modules.get(name) is module and type(module) is cls for modules, name, module, cls in self.walked)
+
+
+def _make_plan(model: nn.Module, backend) -> _StackPlan | None:
     config = model.config
     rotary = model.layers[0].self_attn.rotary
     if (backend.name != "paged" or not kernels.has("decode_layers") or config.qk_norm
             or rotary.rotary_dim != config.head_dim or config.head_dim % 16):
         return None
-    norms: list[torch.Tensor] = []
-    weights: list[torch.Tensor] = []
-    biases: list[torch.Tensor] = []
+    walked: list[tuple[dict, str, nn.Module, type]] = []
+
+    def child(parent: nn.Module, name: str) -> nn.Module:
+        module = parent._modules[name]
+        walked.append((parent._modules, name, module, type(module)))
+        return module
+
+    layers_list = child(model, "layers")
+    layers = [child(layers_list, str(i)) for i in range(len(layers_list))]
+    norms: list[Ref] = []
+    weights: list[Ref] = []
+    biases: list[Ref] = []
+    flags: list[tuple[Ref, object]] = []
     kinds, windows = set(), set()
-    for index, layer in enumerate(model.layers):
-        if (layer._forward_hooks or layer._forward_pre_hooks or config.is_moe_layer(index)
-                or type(layer.input_layernorm) is not RMSNorm):
-            return None  # traced layer spans, an expert layer, another norm
-        attn, mlp = layer.self_attn, layer.mlp
+    for index, layer in enumerate(layers):
+        if config.is_moe_layer(index) or type(layer._modules["input_layernorm"]) is not RMSNorm:
+            return None  # an expert layer, another norm
+        attn, mlp = child(layer, "self_attn"), child(layer, "mlp")
         windows.add(attn.sliding_window or 0)
-        norms += (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            packed = _linear_tensors(linear)
-            if packed is None:
+        norms += [_ref(child(layer, name), "weight") for name in ("input_layernorm", "post_attention_layernorm")]
+        for parent, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")):
+            linear = child(parent, name)
+            refs = _linear_refs(linear)
+            if refs is None:
                 return None
-            kinds.add(packed[:2])
-            weights += packed[2]
-            biases.append(_NO_BIAS if linear.bias is None else linear.bias)
-    norms.append(model.norm.weight)
-    if len(kinds) != 1 or len(windows) != 1 or any(n.dtype != torch.bfloat16 for n in norms):
+            kinds.add(refs[0])
+            weights += refs[1]
+            flags += refs[2]
+            biases.append(_ref(linear, "bias"))
+    norms.append(_ref(child(model, "norm"), "weight"))
+    if len(kinds) != 1 or len(windows) != 1:
         return None
-    return norms, weights, biases, kinds.pop(), windows.pop()
+    return _StackPlan(backend.name, layers, walked, flags, norms, weights, biases, kinds.pop(), windows.pop())
+
+
+def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, int, int] | None:
+    """(norms, weights, biases, linear kind, sliding window or 0) for decode_layers, or None
+    where it does not apply. The tensors are read from the modules at every step (through a
+    plan of where they live, _StackPlan), so weight updates and repacking are always seen."""
+    plan = model.__dict__.get(_PLAN)
+    if plan is None or not plan.holds(backend):
+        plan = _make_plan(model, backend)
+        model.__dict__[_PLAN] = plan
+        if plan is None:
+            return None
+    if any(layer._forward_hooks or layer._forward_pre_hooks for layer in plan.layers):
+        return None  # traced layer spans
+    norms = [where[name] for where, name in plan.norms]
+    weights = [where[name] for where, name in plan.weights]
+    if any(t is None for t in weights) or any(n.dtype != torch.bfloat16 for n in norms):
+        return None
+    biases = [_NO_BIAS if (bias := where[name]) is None else bias for where, name in plan.biases]
+    return norms, weights, biases, plan.kind, plan.window
 
 
 def decode_stack(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, kv_caches, meta,
@@ -83,10 +147,10 @@ def decode_stack(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
     tensors = stack_tensors(model, backend)
     if tensors is None:
         return None
-    norms, weights, biases, (kind, group_size), window = tensors
+    norms, weights, biases, kind, window = tensors
     config, rotary = model.config, model.layers[0].self_attn.rotary
     return torch.ops.pinfer.decode_layers(
         hidden, positions, [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
-        meta.block_tables, meta.context_lens, rotary.cos, rotary.sin, norms, weights, biases, kind, group_size,
+        meta.block_tables, meta.context_lens, rotary.cos, rotary.sin, norms, weights, biases, kind,
         config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps,
         model.layers[0].self_attn.scale, window)

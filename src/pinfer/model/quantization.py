@@ -183,7 +183,13 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int4Linear(_QuantizedLinear):
-    """int4 group-wise weights (w = scale * q + zero per group), bfloat16 activations."""
+    """int4 group-wise weights (w = scale * q + zero per group), bfloat16 activations.
+
+    With the CPU kernels, and groups of 32, the matmul is pinfer's int4_gemm on a packed copy
+    (`qweight_w4a8`, +0.625 bytes a weight): the activations are quantized to int8 per row, as
+    Int8Linear does and llama.cpp does for Q4 x Q8 dot products, and the group sums are exact
+    in int32. Else (no kernels, deterministic mode) torch's int4 matmul with bf16 activations.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None = None,
                  batch_invariant: bool = False, group_size: int = INT4_GROUP_SIZE):
@@ -194,6 +200,9 @@ class Int4Linear(_QuantizedLinear):
         # in the activations' dtype (it refuses float32 scales with bfloat16 inputs).
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=torch.bfloat16))
+        packable = group_size == 32 and out_features % 16 == 0 and in_features % 32 == 0 and not batch_invariant
+        self.register_buffer("qweight_w4a8", torch.zeros(
+            (out_features // 16, in_features // 32, 5, 64) if packable else (0,), dtype=torch.uint8), persistent=False)
 
     def set_rows(self, offset: int, rows: torch.Tensor | Int4Weight) -> None:
         q = rows if isinstance(rows, Int4Weight) else quantize_int4(rows, self.group_size)
@@ -207,9 +216,13 @@ class Int4Linear(_QuantizedLinear):
         self.qweight[offset:offset + n] = torch._convert_weight_to_int4pack_for_cpu(q.qweight.contiguous(), 1)
         self.scales_and_zeros[:, offset:offset + n, 0] = q.scale.t()
         self.scales_and_zeros[:, offset:offset + n, 1] = (q.zero + 8 * q.scale).t()
+        if self.qweight_w4a8.numel():
+            self.qweight_w4a8[offset // 16:(offset + n) // 16] = kernels.pack_int4(q.qweight, q.scale, q.zero)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
+        if self.qweight_w4a8.numel() and kernels.usable(x) and kernels.has("int4_gemm"):
+            return torch.ops.pinfer.int4_gemm(x.contiguous(), self.qweight_w4a8)
         if not self.batch_invariant:
             return self._int4_mm(x)
         padding = -x.shape[0] % _TILE_ROWS
@@ -271,13 +284,13 @@ def quantize_model(model: nn.Module, mode: str, batch_invariant: bool = False,
 
 def hot_quantized_tensors(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The (module, buffer name) pairs a quantized decode step streams: int8's VNNI copy, int4's
-    packed weights and their scales (model/huge_pages.py puts them on 2 MiB pages)."""
+    W4A8 copy or else torch's int4 packing (model/huge_pages.py puts them on 2 MiB pages)."""
     hot = []
     for module in model.modules():
         if isinstance(module, Int8Linear):
             hot.append((module, "qweight_vnni"))
         elif isinstance(module, Int4Linear):
-            hot += [(module, "qweight"), (module, "scales_and_zeros")]
+            hot.append((module, "qweight_w4a8") if module.qweight_w4a8.numel() else (module, "qweight"))
     return hot
 
 
