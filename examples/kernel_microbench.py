@@ -13,6 +13,7 @@ import torch
 
 from pinfer import kernels
 from pinfer.model.attention.paged import paged_decode, prefill_one
+from pinfer.model.quantization import quantize_int4
 from pinfer.sampling.random import row_keys
 from pinfer.sampling.sampler import _plain_random_sample
 
@@ -136,6 +137,31 @@ def int8_batch64(matrices) -> str:
             f"GOPS), VNNI GEMM {own:.2f} ({ops / own / 1e6:.0f} GOPS)")
 
 
+def int4_matmuls(rows: int) -> str:
+    """The matrices in int4 groups of 32: torch's int4 matmul (bf16 activations; what Int4Linear
+    runs without the kernels) vs pinfer's W4A8 GEMM (int8 activations)."""
+    matrices = []
+    for n, k in MATRIX_SHAPES:
+        q = quantize_int4(torch.randn(n, k) * 0.05)
+        torch_packed = torch._convert_weight_to_int4pack_for_cpu(q.qweight.contiguous(), 1)
+        scales_and_zeros = torch.stack([q.scale.t(), (q.zero + 8 * q.scale).t()], dim=-1).to(DTYPE)
+        matrices.append((k, torch_packed, scales_and_zeros.contiguous(), kernels.pack_int4(q.qweight, q.scale, q.zero)))
+    x = {k: torch.randn(rows, k).to(DTYPE) for k in (576, 1536)}
+    total = sum(own.numel() for *_, own in matrices)
+
+    def pytorch_path():
+        for k, packed, scales, _ in matrices:
+            torch._weight_int4pack_mm_for_cpu(x[k], packed, 32, scales)
+
+    def gemm():
+        for k, *_, own in matrices:
+            torch.ops.pinfer.int4_gemm(x[k], own)
+
+    ref, own = best_ms(pytorch_path, 5), best_ms(gemm, 5)
+    rate = f"{total / own / 1e6:.1f} GB/s" if rows == 1 else f"{2 * rows * total / 0.625 / own / 1e6:.0f} GOPS"
+    return f"int4 batch-{rows} matmuls, 121 matrices: torch's int4 matmul {ref:.2f}, W4A8 GEMM {own:.2f} ({rate})"
+
+
 def bf16_matmuls(rows: int) -> str:
     """The matrices in bf16: oneDNN on its packed weights (what PackedLinear runs without the
     kernels) vs pinfer's GEMM on its own packing."""
@@ -163,7 +189,8 @@ def main() -> None:
     print(f"ms per call, minimum of repeats, {torch.get_num_threads()} threads, {DTYPE}")
     matrices = smollm2_int8_matrices()
     for line in (decode(64, 60, 190), decode_from_memory(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64),
-                 int8_batch1(matrices), int8_batch64(matrices), bf16_matmuls(1), bf16_matmuls(64)):
+                 int8_batch1(matrices), int8_batch64(matrices), int4_matmuls(1), int4_matmuls(64), bf16_matmuls(1),
+                 bf16_matmuls(64)):
         print(" ", line)
 
 

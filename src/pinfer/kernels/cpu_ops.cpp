@@ -904,10 +904,10 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
 // then the group's s and z as bf16, 16 of each; one stream, 0.625 bytes a weight.
 constexpr int64_t kInt4Group = 32, kInt4GroupBytes = 5 * 64;
 
-template <int MR, int NR>
+template <int MR, int NR, typename T>
 __attribute__((noinline)) void int4_tile(const int8_t* xq, int64_t k_dim, const int32_t* xsums, const float* xs,
                                          const uint8_t* w, int64_t groups, int64_t block_stride,
-                                         const uint8_t* prefetch, float* out, int64_t out_stride) {
+                                         const uint8_t* prefetch, T* out, int64_t out_stride) {
   __m512 acc[MR][NR];
   PINFER_UNROLL for (int i = 0; i < MR; ++i)
     PINFER_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -948,12 +948,12 @@ __attribute__((noinline)) void int4_tile(const int8_t* xq, int64_t k_dim, const 
   }
   PINFER_UNROLL for (int i = 0; i < MR; ++i)
     PINFER_UNROLL for (int j = 0; j < NR; ++j)
-      _mm512_storeu_ps(out + i * out_stride + j * 16, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(xs[i])));
+      store16(out + i * out_stride + j * 16, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(xs[i])));
 }
 
-template <int MR>
+template <int MR, typename T>
 void int4_tile_rows(int nr, const int8_t* xq, int64_t k_dim, const int32_t* xsums, const float* xs, const uint8_t* w,
-                    int64_t groups, int64_t block_stride, const uint8_t* prefetch, float* out, int64_t out_stride) {
+                    int64_t groups, int64_t block_stride, const uint8_t* prefetch, T* out, int64_t out_stride) {
   switch (nr) {
     case 4: int4_tile<MR, 4>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
     case 3: int4_tile<MR, 3>(xq, k_dim, xsums, xs, w, groups, block_stride, prefetch, out, out_stride); break;
@@ -974,7 +974,13 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed) {
   auto xq = at::empty({m_dim, k_dim}, x.options().dtype(at::kChar));
   auto xsums = at::empty({m_dim, groups}, x.options().dtype(at::kInt));
   auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));
-  auto out_f = at::empty({m_dim, n_dim}, x.options().dtype(at::kFloat));
+  auto out = at::empty({m_dim, n_dim}, x.options());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int64_t block_stride = groups * kInt4GroupBytes;
+  // Rows share each unpacked weight vector. Tiles that fit the 32 registers (float and int32
+  // accumulators, unpacked nibbles): 1-2 rows x 4 blocks of 16 columns (batch 1: four weight
+  // streams), else 4 rows x 2 blocks.
+  const int rows_per_tile = m_dim <= 2 ? static_cast<int>(m_dim) : 4, blocks_per_tile = m_dim <= 2 ? 4 : 2;
   PINFER_DISPATCH(x.scalar_type(), "int4_gemm", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     int8_t* xqp = xq.data_ptr<int8_t>();
@@ -990,41 +996,32 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed) {
         }
       }
     });
-  });
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const int64_t block_stride = groups * kInt4GroupBytes;
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const int32_t* sums = xsums.data_ptr<int32_t>();
-  const float* xs = x_scale.data_ptr<float>();
-  float* op = out_f.data_ptr<float>();
-  // Rows share each unpacked weight vector. Tiles that fit the 32 registers (float and int32
-  // accumulators, unpacked nibbles): 1-2 rows x 4 blocks of 16 columns (batch 1: four weight
-  // streams), else 4 rows x 2 blocks.
-  const int rows_per_tile = m_dim <= 2 ? static_cast<int>(m_dim) : 4, blocks_per_tile = m_dim <= 2 ? 4 : 2;
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
-      const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
-      for (int64_t nb = begin; nb < end; nb += blocks_per_tile) {
-        const int nr = static_cast<int>(std::min<int64_t>(blocks_per_tile, end - nb));
-        const uint8_t* wb = w + nb * block_stride;
-        const uint8_t* next_blocks = nb + blocks_per_tile < end ? wb + blocks_per_tile * block_stride : nullptr;
-        for (int64_t i = m0; i < m1; i += rows_per_tile) {
-          const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m1 - i));
-          const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
-          const int8_t* xi = xqp + i * k_dim;
-          const int32_t* si = sums + i * groups;
-          float* oi = op + i * n_dim + nb * 16;
-          switch (mr) {
-            case 4: int4_tile_rows<4>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-            case 3: int4_tile_rows<3>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-            case 2: int4_tile_rows<2>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-            default: int4_tile_rows<1>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
+        const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
+        for (int64_t nb = begin; nb < end; nb += blocks_per_tile) {
+          const int nr = static_cast<int>(std::min<int64_t>(blocks_per_tile, end - nb));
+          const uint8_t* wb = w + nb * block_stride;
+          const uint8_t* next_blocks = nb + blocks_per_tile < end ? wb + blocks_per_tile * block_stride : nullptr;
+          for (int64_t i = m0; i < m1; i += rows_per_tile) {
+            const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m1 - i));
+            const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
+            const int8_t* xi = xqp + i * k_dim;
+            const int32_t* si = sums + i * groups;
+            scalar_t* oi = op + i * n_dim + nb * 16;
+            switch (mr) {
+              case 4: int4_tile_rows<4>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+              case 3: int4_tile_rows<3>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+              case 2: int4_tile_rows<2>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+              default: int4_tile_rows<1>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+            }
           }
         }
       }
-    }
+    });
   });
-  return x.scalar_type() == at::kFloat ? out_f : out_f.to(x.scalar_type());
+  return out;
 }
 #endif
 
