@@ -302,3 +302,16 @@ def test_int4_gemm_rejects_a_weight_packed_for_another_k():
     packed = kernels.pack_int4(q, torch.ones(16, 2), torch.zeros(16, 2))
     with pytest.raises(RuntimeError, match="packed for K = 64, input has K = 96"):
         torch.ops.pinfer.int4_gemm(torch.randn(1, 96), packed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_kernel_is_the_first_maximum(dtype):
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(37, 49157, generator=gen).to(dtype)  # rows over both threads, a ragged tail
+    logits[1, 5] = logits[1, 40000] = logits[1, 49156] = 100.0  # ties: the first one
+    logits[2, -1] = 100.0  # the maximum in the tail
+    logits[3] = float("-inf")
+    logits[3, 7] = -1e30
+    out = torch.ops.pinfer.argmax(logits)
+    assert torch.equal(out, logits.float().max(dim=-1).indices)
+    assert out[1].item() == 5 and out[2].item() == 49156 and out[3].item() == 7

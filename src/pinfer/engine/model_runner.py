@@ -201,9 +201,10 @@ class ModelRunner:
         The bookkeeping is numpy on the host tables: no tensor work on steps without a new block."""
         if self._zeroed is None:
             return
-        ids = np.unique(block_tables.numpy())
+        ids = block_tables.numpy().ravel()
         fresh = ids[~self._zeroed[ids]]
         if fresh.size:
+            fresh = np.unique(fresh)  # only then: np.unique of every step's tables was ~0.1 ms a batch-1 token
             self._pool[:, :, torch.from_numpy(fresh)] = 0
             self._zeroed[fresh] = True
             self.blocks_zeroed += int(fresh.size)

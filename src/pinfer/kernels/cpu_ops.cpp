@@ -599,6 +599,38 @@ void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const floa
   });
 }
 
+// Greedy rows: the first maximum of each row (torch's max(dim=-1).indices for finite logits;
+// a NaN never wins here). torch's index-tracking reductions ran ~100 us for one row of 49k.
+template <typename T>
+void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = logits + r * vocab;
+      __m512 best = _mm512_set1_ps(-INFINITY);
+      __m512i best_id = _mm512_set1_epi32(0);
+      for (int64_t v = 0; v < vocab; v += 16) {
+        __mmask16 m = tail_mask(vocab - v);
+        __m512 x = load16_masked(row + v, m);
+        __mmask16 better = _mm512_mask_cmp_ps_mask(m, x, best, _CMP_GT_OQ);  // strict: earlier ids win ties
+        best = _mm512_mask_mov_ps(best, better, x);
+        best_id = _mm512_mask_mov_epi32(best_id, better, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(v))));
+      }
+      const float top = _mm512_reduce_max_ps(best);
+      out[r] = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ), best_id);
+    }
+  });
+}
+
+at::Tensor argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "argmax: logits [B, V] contiguous");
+  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  PINFER_DISPATCH(logits.scalar_type(), "argmax", [&] {
+    argmax_rows<scalar_t>(logits.data_ptr<scalar_t>(), logits.size(0), logits.size(1), out.data_ptr<int64_t>());
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_sample(const at::Tensor& logits, const at::Tensor& temperature,
                                                              const at::Tensor& row_keys, bool processed) {
   // logits [B, V]; temperature [B] float32 (> 0); row_keys [B] int32 (sampling/random.py row_keys)
@@ -1257,6 +1289,7 @@ TORCH_LIBRARY(pinfer, m) {
         &paged_decode_attention);
   m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
         &gumbel_sample);
+  m.def("argmax(Tensor logits) -> Tensor", &argmax);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &store_kv);
