@@ -4,7 +4,6 @@ sampled tokens (and prompt logprobs where asked)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from pinfer.config import ModelConfig
 from pinfer.distributed.tensor_parallel import StepHeader, TensorParallelGroup, pack_step
 from pinfer.engine.scheduler import ScheduledSequence
 from pinfer.engine.sequence import Sequence
+from pinfer.memory import return_freed_memory_to_os
 from pinfer.model.attention import get_attention_backend
 from pinfer.model.attention.base import AttentionMetadata
 from pinfer.model.batch_invariant import BatchInvariantMode
@@ -54,15 +54,6 @@ class PromptLogprobs:
 class StepResult:
     sampled: list[SampledToken]
     prompt_logprobs: list[PromptLogprobs]
-
-
-def _return_freed_memory_to_os() -> None:
-    """glibc keeps freed heap memory below its (adaptive) mmap threshold for reuse:
-    weights freed by sleep stayed resident without this. No-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class StepBuffers:
@@ -157,7 +148,7 @@ class ModelRunner:
     def release_kv_pool(self) -> None:
         """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
         self.kv_caches, self._pool = [], None
-        _return_freed_memory_to_os()
+        return_freed_memory_to_os()
 
     def allocate_kv_pool(self) -> None:
         self.kv_caches = self._allocate_kv_pool()
@@ -168,7 +159,7 @@ class ModelRunner:
         for name, param in self.model.named_parameters():  # a tied head is listed once
             shapes[name] = (param.shape, param.dtype)
             param.data = torch.empty(0, dtype=param.dtype, device=self.device)
-        _return_freed_memory_to_os()
+        return_freed_memory_to_os()
         return shapes
 
     def restore_weights(self, shapes: dict[str, tuple[torch.Size, torch.dtype]]) -> None:

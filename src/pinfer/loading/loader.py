@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from pinfer.errors import ModelLoadError, PinferError
 from pinfer.loading.checkpoint import Checkpoint
 from pinfer.loading.resolve import resolve_model
 from pinfer.loading.safetensors_loader import SafetensorsCheckpoint
+from pinfer.memory import return_freed_memory_to_os
 from pinfer.model.huge_pages import move_to_huge_pages
 from pinfer.model.quantization import hot_quantized_tensors, quantize_model
 from pinfer.model.registry import check_architecture, model_class_for
@@ -86,10 +86,7 @@ def _quantize(model: nn.Module, checkpoint: Checkpoint, mode: str, device: torch
     with torch.no_grad():  # not inference_mode: update_weights later writes these buffers in place
         quantize_model(model, mode, batch_invariant=deterministic, prequantized=prequantized)
     move_to_huge_pages(hot_quantized_tensors(model))
-    try:  # glibc keeps the freed float weights in its heap otherwise (RSS stays ~100 MiB higher)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_memory_to_os()  # the freed float weights: RSS stayed ~100 MiB higher without it
 
 
 def reload_model_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype) -> set[str]:

@@ -3,9 +3,10 @@
 A batch-1 decode step streams every weight once, ~270 MB for SmolLM2 in bf16. With 4 KiB
 pages that is ~66,000 pages a token: a TLB miss at each, and the hardware prefetchers stop at
 every page boundary. Most matrices are smaller than 2 MiB (SmolLM2's qkv is 1.1 MB), so
-advising each tensor's own allocation would cover little; one buffer for all of them does.
-Measured on the AMD EPYC (examples/kernel_microbench.py's 121 bf16 matrices, batch 1): 9.8 ms
-with 4 KiB pages, 8.8-9.1 ms with a quarter of the bytes on huge pages.
+advising each tensor's own allocation would cover little (the microbenchmark's 121 bf16
+matrices, batch 1, each advised: a quarter of the bytes on huge pages, 9.8 -> 8.8-9.1 ms); one
+buffer for all of them does. Measured on the AMD EPYC, in-process A/B runs of the engine's
+batch-1 decode, 4 KiB pages vs this buffer: bf16 +1-15% tok/s (mean ~7%), int8 +2-11%.
 
 Only on the CPU, on Linux, and where the kernel's THP setting is not "never" ("madvise" is
 enough: the buffer asks for them). Elsewhere the tensors stay where they are.
@@ -20,9 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pinfer.memory import return_freed_memory_to_os
+
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # linux/mman.h
 _ALIGN = 64  # each tensor starts on a cache line
+_TRIM_EVERY = 32 << 20  # bytes moved between returns of the freed originals to the OS
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -70,9 +74,19 @@ def move_to_huge_pages(tensors: Sequence[tuple[nn.Module, str]]) -> bool:
     buffer = huge_page_buffer(total)
     if buffer is None:
         return False
+    freed = 0
     for (module, name), offset in zip(targets, offsets):
         tensor = getattr(module, name)
-        copy = buffer[offset:offset + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        nbytes = tensor.numel() * tensor.element_size()
+        copy = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
         copy.copy_(tensor)
         setattr(module, name, copy)  # the original's last reference, usually: freed here
+        del tensor
+        # and given back as we go: glibc keeps freed chunks below its adaptive mmap threshold,
+        # so the originals would otherwise add up to a second set of weights in the peak RSS
+        freed += nbytes
+        if freed >= _TRIM_EVERY:
+            return_freed_memory_to_os()
+            freed = 0
+    return_freed_memory_to_os()
     return True

@@ -183,7 +183,7 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int4Linear(_QuantizedLinear):
-    """int4 group-wise weights (w = scale * q + zero per group), bfloat16 activations.
+    """int4 group-wise weights (w = scale * q + zero per group).
 
     With the CPU kernels, and groups of 32, the matmul is pinfer's int4_gemm on a packed copy
     (`qweight_w4a8`, +0.625 bytes a weight): the activations are quantized to int8 per row, as
