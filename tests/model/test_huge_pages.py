@@ -1,5 +1,5 @@
 """model/huge_pages.py: hot weights copied side by side into one 2 MiB-aligned buffer the
-kernel is asked to back with huge pages; the values and the modules' outputs do not change."""
+kernel is asked to back with huge pages, values unchanged (the model tests run with it on)."""
 
 from __future__ import annotations
 
