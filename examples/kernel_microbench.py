@@ -13,7 +13,7 @@ import torch
 
 from pinfer import kernels
 from pinfer.model.attention.paged import paged_decode, prefill_one
-from pinfer.model.quantization import quantize_int4
+from pinfer.model.quantization import Int4Linear
 from pinfer.sampling.random import row_keys
 from pinfer.sampling.sampler import _plain_random_sample
 
@@ -141,21 +141,20 @@ def int4_matmuls(rows: int) -> str:
     """The matrices in int4 groups of 32: torch's int4 matmul (bf16 activations; what Int4Linear
     runs without the kernels) vs pinfer's W4A8 GEMM (int8 activations)."""
     matrices = []
-    for n, k in MATRIX_SHAPES:
-        q = quantize_int4(torch.randn(n, k) * 0.05)
-        torch_packed = torch._convert_weight_to_int4pack_for_cpu(q.qweight.contiguous(), 1)
-        scales_and_zeros = torch.stack([q.scale.t(), (q.zero + 8 * q.scale).t()], dim=-1).to(DTYPE)
-        matrices.append((k, torch_packed, scales_and_zeros.contiguous(), kernels.pack_int4(q.qweight, q.scale, q.zero)))
+    for n, k in MATRIX_SHAPES:  # Int4Linear holds both layouts
+        linear = Int4Linear(k, n)
+        linear.set_weight(torch.randn(n, k) * 0.05)
+        matrices.append((k, linear))
     x = {k: torch.randn(rows, k).to(DTYPE) for k in (576, 1536)}
-    total = sum(own.numel() for *_, own in matrices)
+    total = sum(linear.qweight_w4a8.numel() for _, linear in matrices)
 
     def pytorch_path():
-        for k, packed, scales, _ in matrices:
-            torch._weight_int4pack_mm_for_cpu(x[k], packed, 32, scales)
+        for k, linear in matrices:
+            linear._int4_mm(x[k])
 
     def gemm():
-        for k, *_, own in matrices:
-            torch.ops.pinfer.int4_gemm(x[k], own)
+        for k, linear in matrices:
+            torch.ops.pinfer.int4_gemm(x[k], linear.qweight_w4a8)
 
     ref, own = best_ms(pytorch_path, 5), best_ms(gemm, 5)
     rate = f"{total / own / 1e6:.1f} GB/s" if rows == 1 else f"{2 * rows * total / 0.625 / own / 1e6:.0f} GOPS"

@@ -376,20 +376,23 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
     const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     return std::pair<int64_t, int64_t>(first, len - first);
   };
+  // where an item's row of position pos starts in a cache (its first kv head)
+  auto pool_offset = [&](int64_t item, int64_t pos) {
+    const int64_t* table = block_tables + (item / spans_per_seq) * max_blocks;
+    const int64_t h0 = (item % spans_per_seq) * span;
+    return table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
+  };
   at::parallel_for(0, num_seqs * spans_per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(rows * head_dim), acc(rows * head_dim), scores, inv_sum(rows);
     std::vector<const T*> k_rows, v_rows, next_k_rows, next_v_rows;
     NextItemPrefetcher next_item;
     // the pool rows of an item's positions, at its first kv head
     auto item_rows = [&](int64_t item, std::vector<const T*>& k, std::vector<const T*>& v) {
-      const int64_t b = item / spans_per_seq, h0 = (item % spans_per_seq) * span;
       const auto [first, n] = positions(item);
-      const int64_t* table = block_tables + b * max_blocks;
       k.resize(n);
       v.resize(n);
       for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos = first + t;
-        const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
+        const int64_t offset = pool_offset(item, first + t);
         k[t] = k_cache + offset;
         v[t] = v_cache + offset;
       }
@@ -397,13 +400,10 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / spans_per_seq, h0 = (item % spans_per_seq) * span;
       const auto [first, n] = positions(item);
-      const int64_t* table = block_tables + b * max_blocks;
       scores.resize(rows * n);
       // The pages are cold (the layer's weights went through the caches since the last step)
       // and scattered: both paths fetch a few positions ahead, or they wait on each row's misses.
-      auto at_pos = [&](const T* cache, int64_t pos) {
-        return cache + table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
-      };
+      auto at_pos = [&](const T* cache, int64_t pos) { return cache + pool_offset(item, pos); };
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, bf16>) {
         if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
@@ -516,6 +516,22 @@ inline __m512 log_neg_log_uniform(__m512i key, __m512i token) {
   return Sleef_logf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), Sleef_logf16_u10(u)));
 }
 
+// The first maximum over values seen 16 at a time: per lane the best value and its id (strict
+// >, so a lane keeps its earliest), then the smallest id among the lanes at the top.
+struct FirstMax {
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  __m512i best_id = _mm512_setzero_si512();
+  inline void update(__mmask16 m, __m512 values, __m512i ids) {
+    const __mmask16 better = _mm512_mask_cmp_ps_mask(m, values, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, better, values);
+    best_id = _mm512_mask_mov_epi32(best_id, better, ids);
+  }
+  inline int32_t id() const {
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+    return _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, top, _CMP_EQ_OQ), best_id);
+  }
+};
+
 // Bounds of log(-log(u)) over the uniforms random.uniform() can make, (2m + 1) * 2^-24: at
 // u = 1 - 2^-24 (~ -16.6) and u = 2^-24 (~ 2.8), computed as log_neg_log_uniform computes them.
 inline std::pair<float, float> log_neg_log_bounds() {
@@ -566,20 +582,14 @@ void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const floa
                                                       may_win, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(v)))));
         kept += __builtin_popcount(may_win);
       }
-      __m512 best = _mm512_set1_ps(-INFINITY);
-      __m512i best_id = _mm512_setzero_si512();
+      FirstMax noisy;
       for (int64_t i = 0; i < kept; i += 16) {
         __mmask16 m = tail_mask(kept - i);
         __m512 x = _mm512_maskz_loadu_ps(m, kept_x.data() + i);
         __m512i ids = _mm512_maskz_loadu_epi32(m, kept_ids.data() + i);
-        __m512 score = _mm512_sub_ps(x, log_neg_log_uniform(key, ids));
-        __mmask16 better = _mm512_mask_cmp_ps_mask(m, score, best, _CMP_GT_OQ);  // strict: earlier ids win ties
-        best = _mm512_mask_mov_ps(best, better, score);
-        best_id = _mm512_mask_mov_epi32(best_id, better, ids);
+        noisy.update(m, _mm512_sub_ps(x, log_neg_log_uniform(key, ids)), ids);
       }
-      const float top = _mm512_reduce_max_ps(best);
-      const __mmask16 at_top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
-      const int32_t token = _mm512_mask_reduce_min_epi32(at_top, best_id);
+      const int32_t token = noisy.id();
       const float chosen_raw = static_cast<float>(row[token]);
       const float chosen = processed ? chosen_raw / temperature[r] : chosen_raw;
       // pass 3: logsumexp of the source and the rank (how many tokens score >= the chosen one)
@@ -607,17 +617,12 @@ void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t r = begin; r < end; ++r) {
       const T* row = logits + r * vocab;
-      __m512 best = _mm512_set1_ps(-INFINITY);
-      __m512i best_id = _mm512_set1_epi32(0);
+      FirstMax top;
       for (int64_t v = 0; v < vocab; v += 16) {
         __mmask16 m = tail_mask(vocab - v);
-        __m512 x = load16_masked(row + v, m);
-        __mmask16 better = _mm512_mask_cmp_ps_mask(m, x, best, _CMP_GT_OQ);  // strict: earlier ids win ties
-        best = _mm512_mask_mov_ps(best, better, x);
-        best_id = _mm512_mask_mov_epi32(best_id, better, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(v))));
+        top.update(m, load16_masked(row + v, m), _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(v))));
       }
-      const float top = _mm512_reduce_max_ps(best);
-      out[r] = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ), best_id);
+      out[r] = top.id();
     }
   });
 }
@@ -822,37 +827,50 @@ void packed_dots_rows(int nr, const uint8_t* x, int64_t x_stride, const uint8_t*
   }
 }
 
+// The tile loop both GEMM kinds share: each thread takes a range of the N / 16 column blocks,
+// and for each panel of input rows (kept in L2 across the thread's blocks) walks its blocks
+// tile_blocks at a time and the panel tile_rows at a time; tile(row, rows, block, blocks,
+// prefetch) computes one tile. prefetch: the next tile's columns (block_bytes each), handed to
+// the first row-tile of each panel, which streams them into L2 while this tile's are in use
+// (the weights come from memory at every step).
+template <class Tile>
+void gemm_tiles(int64_t m_dim, int64_t n_blocks, int tile_rows, int tile_blocks, const uint8_t* w,
+                int64_t block_bytes, const Tile& tile) {
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
+      const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
+      for (int64_t nb = begin; nb < end; nb += tile_blocks) {
+        const int nr = static_cast<int>(std::min<int64_t>(tile_blocks, end - nb));
+        const uint8_t* next_blocks = nb + tile_blocks < end ? w + (nb + tile_blocks) * block_bytes : nullptr;
+        for (int64_t i = m0; i < m1; i += tile_rows) {
+          const int mr = static_cast<int>(std::min<int64_t>(tile_rows, m1 - i));
+          tile(i, mr, nb, nr, i == m0 ? next_blocks : nullptr);
+        }
+      }
+    }
+  });
+}
+
 // out rows x blocks tiles; epilogue(row, rows, block, blocks, dots) writes a tile's outputs from
 // its dots, [rows][blocks][16] accumulators (int32 or float32) in 64-byte rows.
 template <class Dot, class Epilogue>
 void packed_gemm(const uint8_t* x, int64_t m_dim, int64_t x_stride, const uint8_t* w, int64_t n_blocks,
                  int64_t groups, const Epilogue& epilogue) {
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint8_t dots[kGemmRows * kGemmBlocks * 64];
-    for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
-      const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
-      for (int64_t nb = begin; nb < end; nb += kGemmBlocks) {
-        const int nr = static_cast<int>(std::min<int64_t>(kGemmBlocks, end - nb));
-        const uint8_t* wb = w + nb * groups * 64;
-        // the next columns' weights into L2 while this tile's are in use (from memory at every step)
-        const uint8_t* next_blocks = nb + kGemmBlocks < end ? wb + kGemmBlocks * groups * 64 : nullptr;
-        for (int64_t i = m0; i < m1; i += kGemmRows) {
-          const uint8_t* xi = x + i * x_stride;
-          const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
-          const int mr = static_cast<int>(std::min<int64_t>(kGemmRows, m1 - i));
-          switch (mr) {
-            case 6: packed_dots_rows<Dot, 6>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-            case 5: packed_dots_rows<Dot, 5>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-            case 4: packed_dots_rows<Dot, 4>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-            case 3: packed_dots_rows<Dot, 3>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-            case 2: packed_dots_rows<Dot, 2>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-            default: packed_dots_rows<Dot, 1>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
-          }
-          epilogue(i, mr, nb, nr, dots);
-        }
-      }
-    }
-  });
+  gemm_tiles(m_dim, n_blocks, kGemmRows, kGemmBlocks, w, groups * 64,
+             [&](int64_t i, int mr, int64_t nb, int nr, const uint8_t* prefetch) {
+               alignas(64) uint8_t dots[kGemmRows * kGemmBlocks * 64];
+               const uint8_t* xi = x + i * x_stride;
+               const uint8_t* wb = w + nb * groups * 64;
+               switch (mr) {
+                 case 6: packed_dots_rows<Dot, 6>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+                 case 5: packed_dots_rows<Dot, 5>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+                 case 4: packed_dots_rows<Dot, 4>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+                 case 3: packed_dots_rows<Dot, 3>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+                 case 2: packed_dots_rows<Dot, 2>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+                 default: packed_dots_rows<Dot, 1>(nr, xi, x_stride, wb, groups, prefetch, dots); break;
+               }
+               epilogue(i, mr, nb, nr, dots);
+             });
 }
 
 void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t per_lane, const char* name) {
@@ -1029,29 +1047,19 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed) {
       }
     });
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
-        const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
-        for (int64_t nb = begin; nb < end; nb += blocks_per_tile) {
-          const int nr = static_cast<int>(std::min<int64_t>(blocks_per_tile, end - nb));
-          const uint8_t* wb = w + nb * block_stride;
-          const uint8_t* next_blocks = nb + blocks_per_tile < end ? wb + blocks_per_tile * block_stride : nullptr;
-          for (int64_t i = m0; i < m1; i += rows_per_tile) {
-            const int mr = static_cast<int>(std::min<int64_t>(rows_per_tile, m1 - i));
-            const uint8_t* prefetch = i == m0 ? next_blocks : nullptr;
-            const int8_t* xi = xqp + i * k_dim;
-            const int32_t* si = sums + i * groups;
-            scalar_t* oi = op + i * n_dim + nb * 16;
-            switch (mr) {
-              case 4: int4_tile_rows<4>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-              case 3: int4_tile_rows<3>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-              case 2: int4_tile_rows<2>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-              default: int4_tile_rows<1>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
-            }
-          }
-        }
-      }
-    });
+    gemm_tiles(m_dim, n_blocks, rows_per_tile, blocks_per_tile, w, block_stride,
+               [&](int64_t i, int mr, int64_t nb, int nr, const uint8_t* prefetch) {
+                 const int8_t* xi = xqp + i * k_dim;
+                 const int32_t* si = sums + i * groups;
+                 const uint8_t* wb = w + nb * block_stride;
+                 scalar_t* oi = op + i * n_dim + nb * 16;
+                 switch (mr) {
+                   case 4: int4_tile_rows<4>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+                   case 3: int4_tile_rows<3>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+                   case 2: int4_tile_rows<2>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+                   default: int4_tile_rows<1>(nr, xi, k_dim, si, xs + i, wb, groups, block_stride, prefetch, oi, n_dim); break;
+                 }
+               });
   });
   return out;
 }
