@@ -228,6 +228,9 @@ def parse_memory_size(size: str | int | float) -> int:
     return int(number * powers[unit])
 
 
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -247,6 +250,11 @@ class EngineConfig:
     # Weight-only quantization of the linears at load: None (keep the dtype), "int8" (per-channel
     # scales) or "int4" (group-wise scales); see model/quantization.py.
     quantization: str | None = None
+    # The KV cache's storage: "auto" (the model's dtype) or "int8" (one byte a value and a float32
+    # scale per head row, ~0.53x bf16's bytes; llama.cpp's --cache-type-k/v q8_0, vLLM's
+    # kv_cache_dtype). int8 doubles the tokens kv_cache_memory holds and the bytes decode
+    # attention reads shrink with it; its values are rounded to 8 bits. See model/attention/base.py.
+    kv_cache_dtype: str = "auto"
     # Chrome Trace JSON (open in Perfetto) of scheduling, prefill, decode and sampling spans per
     # step, with TTFT/TPOT counters; trace_layers adds one span per decoder layer. See tools/trace.py.
     trace_file: str | None = None
@@ -268,6 +276,9 @@ class EngineConfig:
             )
         if self.quantization not in (None, "int8", "int4"):
             raise PinferError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise PinferError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                              f"got {self.kv_cache_dtype!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise PinferError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.block_size < 1:

@@ -71,6 +71,7 @@ class WorkerSpec:
     world_size: int
     init_method: str
     num_threads: int  # torch intra-op threads per rank on CPU
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass
@@ -192,6 +193,7 @@ class TensorParallelGroup:
             deterministic=config.deterministic, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, world_size=tp,
             init_method=f"tcp://127.0.0.1:{_free_port()}", num_threads=threads_per_rank(tp),
+            kv_cache_dtype=config.kv_cache_dtype,
         ))
 
     def wait_ready(self) -> None:
@@ -362,7 +364,7 @@ def _build_runner(rank: int, spec: WorkerSpec):
     return ModelRunner(model, config, spec.dtype, device, spec.block_size, spec.num_blocks,
                        spec.attention_backend, spec.deterministic, max_num_seqs=spec.max_num_seqs,
                        max_num_tokens=spec.max_num_batched_tokens, max_model_len=spec.max_model_len,
-                       tensor_parallel_size=spec.world_size)
+                       tensor_parallel_size=spec.world_size, kv_cache_dtype=spec.kv_cache_dtype)
 
 
 @torch.inference_mode()

@@ -78,7 +78,7 @@ class LLMEngine:
         check_tensor_parallel(self.model_config, tp, config.quantization)  # before any process or weight
 
         # With tensor parallelism kv_cache_memory is per rank: each holds the K/V of its KV heads.
-        bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype, tp)
+        bytes_per_block = kv_bytes_per_block(self.model_config, config.block_size, self.dtype, tp, config.kv_cache_dtype)
         num_blocks = parse_memory_size(config.kv_cache_memory) // bytes_per_block
         if num_blocks < 1:
             raise PinferError(
@@ -110,7 +110,8 @@ class LLMEngine:
                                   config.block_size, num_blocks, config.attention_backend, config.deterministic,
                                   max_num_seqs=config.max_num_seqs, max_num_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, tracer=self.tracer,
-                                  tensor_parallel_size=tp, tp_group=self.tp_group, compile=config.compile)
+                                  tensor_parallel_size=tp, tp_group=self.tp_group, compile=config.compile,
+                                  kv_cache_dtype=config.kv_cache_dtype)
         # A lazily zeroed (CPU) pool costs memory per block first used: reuse used blocks first.
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           sliding_window=model.shared_sliding_window,

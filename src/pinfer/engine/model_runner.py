@@ -18,18 +18,23 @@ from pinfer.engine.scheduler import ScheduledSequence
 from pinfer.engine.sequence import Sequence
 from pinfer.memory import return_freed_memory_to_os
 from pinfer.model.attention import get_attention_backend
-from pinfer.model.attention.base import AttentionMetadata
+from pinfer.model.attention.base import AttentionMetadata, Int8KV, KVPool
 from pinfer.model.batch_invariant import BatchInvariantMode
 from pinfer.sampling.penalties import penalty_bias
 from pinfer.sampling.sampler import Sampler, SamplingBatch
 from pinfer.tools.trace import NULL_TRACER
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
-    """K and V, every layer, one block; with tensor parallelism, one rank's share (its KV heads)."""
-    element_size = torch.tensor([], dtype=dtype).element_size()
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, tensor_parallel_size: int = 1,
+                       kv_cache_dtype: str = "auto") -> int:
+    """K and V, every layer, one block; with tensor parallelism, one rank's share (its KV heads).
+    int8: a byte a value and a float32 scale per head row."""
     num_kv_heads = config.num_kv_heads // tensor_parallel_size
-    return 2 * config.num_layers * block_size * num_kv_heads * config.head_dim * element_size
+    if kv_cache_dtype == "int8":
+        bytes_per_row = config.head_dim + 4
+    else:
+        bytes_per_row = config.head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * num_kv_heads * bytes_per_row
 
 
 @dataclass
@@ -128,6 +133,7 @@ class ModelRunner:
         tensor_parallel_size: int = 1,
         tp_group: TensorParallelGroup | None = None,
         compile: bool = False,  # torch.compile the sampler's plain-temperature path (sampling/sampler.py)
+        kv_cache_dtype: str = "auto",  # "auto": the model's dtype; "int8": Int8KV pools (model/attention/base.py)
     ):
         self.model, self.config, self.dtype, self.device = model, config, dtype, device
         # Tensor parallelism: the model is this rank's shard and the pool holds this rank's KV heads.
@@ -139,6 +145,7 @@ class ModelRunner:
         self.cpu_kernels = device.type == "cpu" and not deterministic and kernels.load()
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_cache_dtype = kv_cache_dtype
         self.backend = get_attention_backend(attention_backend)
         self.sampler = Sampler(compile=compile)
         self.kv_caches = self._allocate_kv_pool()
@@ -147,7 +154,7 @@ class ModelRunner:
 
     def release_kv_pool(self) -> None:
         """Free the KV pool's memory (sleep); allocate_kv_pool() brings it back, zeroed."""
-        self.kv_caches, self._pool = [], None
+        self.kv_caches, self._pool, self._scale_pool = [], None, None
         return_freed_memory_to_os()
 
     def allocate_kv_pool(self) -> None:
@@ -168,18 +175,22 @@ class ModelRunner:
         for name, (shape, dtype) in shapes.items():
             params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
 
-    def _allocate_kv_pool(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv_pool(self) -> list[tuple[KVPool, KVPool]]:
         shape = (self.config.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
-        if self.device.type == "cpu":
-            # Pages the process has not written cost no RSS, so a pool of kv_cache_memory bytes
-            # costs only the blocks in use: blocks are zeroed on first use (zero_new_blocks)
-            # instead of all at once. Zeroed, not left as they are: attention reads a page's
-            # unwritten slots and masks them, and garbage there could be NaN, which no mask hides.
-            self._pool = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self._zeroed = np.zeros(self.num_blocks, dtype=bool)
-        else:
-            self._pool, self._zeroed = torch.zeros(shape, dtype=self.dtype, device=self.device), None
+        int8 = self.kv_cache_dtype == "int8"
+        # Pages the process has not written cost no RSS, so on the CPU a pool of kv_cache_memory
+        # bytes costs only the blocks in use: blocks are zeroed on first use (zero_new_blocks)
+        # instead of all at once. Zeroed, not left as they are: attention reads a page's unwritten
+        # slots and masks them, and garbage there could be NaN, which no mask hides.
+        lazy = self.device.type == "cpu"
+        new = torch.empty if lazy else torch.zeros
+        self._pool = new(shape, dtype=torch.int8 if int8 else self.dtype, device=self.device)
+        self._scale_pool = new((*shape[:-1], 1), dtype=torch.float32, device=self.device) if int8 else None
+        self._zeroed = np.zeros(self.num_blocks, dtype=bool) if lazy else None
         self.blocks_zeroed = 0  # blocks zeroed on first use so far (CPU)
+        if int8:
+            return [tuple(Int8KV(self._pool[i, j], self._scale_pool[i, j], self.dtype) for j in (0, 1))
+                    for i in range(self.config.num_layers)]
         return [(self._pool[i, 0], self._pool[i, 1]) for i in range(self.config.num_layers)]
 
     @property
@@ -197,6 +208,8 @@ class ModelRunner:
         if fresh.size:
             fresh = np.unique(fresh)  # only then: np.unique of every step's tables was ~0.1 ms a batch-1 token
             self._pool[:, :, torch.from_numpy(fresh)] = 0
+            if self._scale_pool is not None:
+                self._scale_pool[:, :, torch.from_numpy(fresh)] = 0
             self._zeroed[fresh] = True
             self.blocks_zeroed += int(fresh.size)
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Sequence as Seq
 
-from pinfer.config import EngineConfig
+from pinfer.config import KV_CACHE_DTYPES, EngineConfig
 from pinfer.errors import PinferError
 from pinfer.loading.resolve import DEFAULT_MODEL, MODEL_ALIASES
 from pinfer.sampling_params import SamplingParams
@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     group.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
                        help="weight-only quantization of the linears at load (default: none)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                       help="KV cache storage: auto (the model's dtype) or int8 (half the bytes of bf16, "
+                            "values rounded to 8 bits; default: auto)")
     group.add_argument("--trace", default=None, metavar="FILE",
                        help="write a Chrome Trace JSON of every engine step (open it in Perfetto)")
     group.add_argument("--trace-layers", action="store_true", help="with --trace: a span per decoder layer too")
@@ -56,7 +59,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend, enable_prefix_caching=not args.no_prefix_caching,
         deterministic=args.deterministic, quantization=args.quantization, trace_file=args.trace,
         trace_layers=args.trace_layers, tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=args.data_parallel_size, compile=args.compile,
+        data_parallel_size=args.data_parallel_size, compile=args.compile, kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -212,49 +212,139 @@ void rotary_(at::Tensor& query, at::Tensor& key, const at::Tensor& cos, const at
   });
 }
 
+// x_scale = max|x| / 127 and xq = round(x / x_scale): one row's int8 quantization (int8 linears)
+template <typename T>
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq);
+
 // ---- paged decode attention ------------------------------------------------------------------
 // One new token per sequence against its keys in the paged pool, read in place through the
 // block table (no gather). Work item: (sequence, kv head) with its G = H / Hkv query heads.
+// Pools hold the model's dtype, or int8 with a float32 scale per (slot, kv head) (Int8KV in
+// model/attention/base.py): the scale pool is laid out as the pool without its head_dim axis.
 
 constexpr int64_t kPrefetch = 16;  // positions ahead; measured best of 4, 8, 16, 32 (B=64 rollout)
 
 // Into L2: an item's rows are read once per query row of their group, and its K and V together
 // (~100 KB at 200 positions) outgrow L1. T1 over T0 was 15-20% faster at B=64.
-template <typename T>
-inline void prefetch_row(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64)
-    _mm_prefetch(bytes + offset, _MM_HINT_T1);
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(c + offset, _MM_HINT_T1);
 }
 
-// The next work item's K and V rows, fetched a cache line of each per step() while the current
-// item computes. Without it memory idles during an item's compute (all but its first query
-// row, the softmax and P.V run on cached rows) and the compute waits during its first pass:
-// the two were about equal at B=64, so overlapping them is worth up to 2x.
+// The batch's work items and where each reads. An item is one sequence's span of kv heads: all
+// of them when there are enough sequences to keep the threads busy, so each position's K/V row
+// is read whole and in order (the heads of a position are adjacent in the pool); else one kv
+// head, for parallelism at small batch.
+struct DecodeItems {
+  const int64_t* block_tables;
+  const int64_t* context_lens;
+  int64_t num_heads, head_dim, block_size, max_blocks, window;
+  int64_t group, span, spans_per_seq, rows, token_stride, block_stride, count;
+
+  DecodeItems(const int64_t* tables, const int64_t* lens, int64_t num_seqs, int64_t heads, int64_t kv_heads,
+              int64_t dim, int64_t bs, int64_t max_blocks_, int64_t window_)
+      : block_tables(tables), context_lens(lens), num_heads(heads), head_dim(dim), block_size(bs),
+        max_blocks(max_blocks_), window(window_) {
+    group = heads / kv_heads;
+    span = num_seqs >= 2 * at::get_num_threads() ? kv_heads : 1;
+    spans_per_seq = kv_heads / span;
+    rows = span * group;  // query rows of an item: head h0 + r / group for row r
+    token_stride = kv_heads * dim;  // between positions of one block
+    block_stride = bs * token_stride;
+    count = num_seqs * spans_per_seq;
+  }
+  int64_t seq(int64_t item) const { return item / spans_per_seq; }
+  int64_t first_head(int64_t item) const { return (item % spans_per_seq) * span; }
+  // (first position, count) of an item's window
+  std::pair<int64_t, int64_t> positions(int64_t item) const {
+    const int64_t len = context_lens[seq(item)];
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    return {first, len - first};
+  }
+  // where an item's row of position pos starts in a pool (its first kv head), in elements;
+  // divided by head_dim, in its scale pool
+  int64_t pool_offset(int64_t item, int64_t pos) const {
+    const int64_t* table = block_tables + seq(item) * max_blocks;
+    return table[pos / block_size] * block_stride + (pos % block_size) * token_stride + first_head(item) * head_dim;
+  }
+};
+
+// An item's pool rows, one pointer per position at its first kv head (and for int8 pools, the
+// rows' scales).
+struct ItemRows {
+  std::vector<const char*> k, v;
+  std::vector<const float*> k_scale, v_scale;
+  int64_t row_bytes = 0;
+
+  template <typename E>
+  void build(const DecodeItems& items, int64_t item, const E* k_cache, const E* v_cache, const float* k_scales,
+             const float* v_scales) {
+    const auto [first, n] = items.positions(item);
+    k.resize(n), v.resize(n);
+    k_scale.resize(k_scales ? n : 0), v_scale.resize(k_scales ? n : 0);
+    row_bytes = items.span * items.head_dim * static_cast<int64_t>(sizeof(E));
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t offset = items.pool_offset(item, first + t);
+      k[t] = reinterpret_cast<const char*>(k_cache + offset);
+      v[t] = reinterpret_cast<const char*>(v_cache + offset);
+      if (k_scales) k_scale[t] = k_scales + offset / items.head_dim, v_scale[t] = v_scales + offset / items.head_dim;
+    }
+  }
+  template <typename E>
+  const E* const* k_as() const { return reinterpret_cast<const E* const*>(k.data()); }
+  template <typename E>
+  const E* const* v_as() const { return reinterpret_cast<const E* const*>(v.data()); }
+};
+
+// The next work item's K and V rows (and scales), fetched a cache line of each per step() while
+// the current item computes. Without it memory idles during an item's compute (all but its
+// first query row, the softmax and P.V run on cached rows) and the compute waits during its
+// first pass: the two were about equal at B=64, so overlapping them is worth up to 2x.
 // lines of K and of V per 16 positions of a query row: the next item's span * D rows are
 // 2-8 lines per position and an item has group >= 1 query rows per kv head; 12 covers a next
 // item as long as this one at head_dim 64 by the end of its second row's Q.K.
 constexpr int kNextItemLinesPerChunk = 12;
 
 struct NextItemPrefetcher {
-  const char* const* k_rows = nullptr;
-  const char* const* v_rows = nullptr;
+  const ItemRows* rows = nullptr;
   int64_t n = 0, lines = 0, t = 0, line = 0;
 
-  template <typename T>
-  void reset(const T* const* k, const T* const* v, int64_t positions, int64_t row_elements) {
-    k_rows = reinterpret_cast<const char* const*>(k);
-    v_rows = reinterpret_cast<const char* const*>(v);
-    n = positions, lines = (row_elements * static_cast<int64_t>(sizeof(T)) + 63) / 64, t = 0, line = 0;
+  void reset(const ItemRows* next) {
+    rows = next, n = next ? static_cast<int64_t>(next->k.size()) : 0, t = 0, line = 0;
+    lines = next ? (next->row_bytes + 63) / 64 : 0;
   }
   inline void step(int count) {
     for (int i = 0; i < count && t < n; ++i) {
-      _mm_prefetch(k_rows[t] + line * 64, _MM_HINT_T1);
-      _mm_prefetch(v_rows[t] + line * 64, _MM_HINT_T1);
+      if (line == 0 && !rows->k_scale.empty()) {  // a position's scales: a few bytes, mostly one line per block
+        _mm_prefetch(reinterpret_cast<const char*>(rows->k_scale[t]), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(rows->v_scale[t]), _MM_HINT_T1);
+      }
+      _mm_prefetch(rows->k[t] + line * 64, _MM_HINT_T1);
+      _mm_prefetch(rows->v[t] + line * 64, _MM_HINT_T1);
       if (++line == lines) line = 0, ++t;
     }
   }
 };
+
+// Runs item_fn(item, rows, next_item) for items begin..end of one thread, with rows built one
+// item ahead and next_item pointed at them, so that each item streams in the next one's pages.
+template <typename E, typename Fn>
+void pipelined_items(const DecodeItems& items, int64_t begin, int64_t end, const E* k_cache, const E* v_cache,
+                     const float* k_scales, const float* v_scales, Fn&& item_fn) {
+  ItemRows rows, next_rows;
+  NextItemPrefetcher next_item;
+  rows.build(items, begin, k_cache, v_cache, k_scales, v_scales);
+  for (int64_t item = begin; item < end; ++item) {
+    if (item + 1 < end) {
+      next_rows.build(items, item + 1, k_cache, v_cache, k_scales, v_scales);
+      next_item.reset(&next_rows);
+    } else {
+      next_item.reset(nullptr);
+    }
+    item_fn(item, rows, next_item);
+    std::swap(rows, next_rows);
+  }
+}
 
 // scores [rows][n] -> exp(s - max) in place, and 1 / sum per row
 inline void softmax_rows(float* scores, float* inv_sum, int64_t rows, int64_t n) {
@@ -274,12 +364,6 @@ inline void softmax_rows(float* scores, float* inv_sum, int64_t rows, int64_t n)
   }
 }
 
-#if defined(__AVX512BF16__)
-// bf16 decode, one work item: Q.K on vdpbf16ps (bf16 pairs, float32 sums; the scale after
-// the sum), 16 positions at a time with their 16 dot products summed by one shuffle tree
-// instead of 16 horizontal sums; P.V with each row's accumulators in registers (the same
-// float32 FMAs in the same order as the generic loop, so the same bits).
-
 // lane t = the sum of v[t]'s 16 lanes: 15 adds of shuffled halves; the tree leaves the lanes
 // permuted, the last step puts them in order.
 inline __m512 sum_each_of_16(__m512* v) {
@@ -293,43 +377,43 @@ inline __m512 sum_each_of_16(__m512* v) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), z);
 }
 
-// q: the item's span * group query rows [rows][D]; k_rows/v_rows[t]: position t's row in the
-// pool at the item's first kv head; out: the item's rows. scores: [rows][n] scratch.
-template <int VECS>  // D / 32: bf16 registers per head row
-void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* const* v_rows, int64_t n, int64_t span,
-                      int64_t group, float scale, float* scores, float* inv_sum, bf16* out,
-                      NextItemPrefetcher& next_item) {
-  constexpr int64_t D = VECS * 32;
-  constexpr int C16 = VECS * 2;                   // float32 vectors per row
-  constexpr int R = C16 >= 16 ? 1 : 16 / C16;     // rows per P.V pass: 16 accumulators
-  const int64_t rows = span * group;
-  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(k_rows[t], span * D);
+// Q.K of an item, 16 positions at a time: dot(u, row, kp, acc) accumulates the query row's
+// dot with the key row at kp into acc's lanes; the 16 positions' lanes are then summed by one
+// shuffle tree instead of 16 horizontal sums. scores[row][t] = finish(row, t0, sums of t0..).
+template <typename E, typename Dot, typename Finish>
+inline void item_scores(const E* const* k_rows, int64_t n, int64_t span, int64_t group, int64_t head_dim,
+                        float* scores, NextItemPrefetcher& next_item, Dot&& dot, Finish&& finish) {
+  const int64_t row_elements = span * head_dim;
+  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_bytes(k_rows[t], row_elements * sizeof(E));
   for (int64_t h = 0; h < span; ++h)
     for (int64_t r = 0; r < group; ++r) {
       const int64_t row = h * group + r;
       const bool first_pass = row == 0;  // the one that fetches the pages: prefetch ahead of it
-      __m512i qv[VECS];
-      for (int c = 0; c < VECS; ++c) qv[c] = _mm512_loadu_si512(q + row * D + c * 32);
       for (int64_t t0 = 0; t0 < n; t0 += 16) {
         const int64_t count = std::min<int64_t>(16, n - t0);
         next_item.step(kNextItemLinesPerChunk);
         __m512 dots[16];
         for (int u = 0; u < 16; ++u) {
-          __m512 acc = _mm512_setzero_ps();
+          dots[u] = _mm512_setzero_ps();
           if (u < count) {
-            const bf16* kp = k_rows[t0 + u] + h * D;
-            if (first_pass && t0 + u + kPrefetch < n) prefetch_row(k_rows[t0 + u + kPrefetch], span * D);
-            for (int c = 0; c < VECS; ++c)
-              acc = _mm512_dpbf16_ps(acc, (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512(kp + c * 32));
+            if (first_pass && t0 + u + kPrefetch < n) prefetch_bytes(k_rows[t0 + u + kPrefetch], row_elements * sizeof(E));
+            dots[u] = dot(row, k_rows[t0 + u] + h * head_dim);
           }
-          dots[u] = acc;
         }
-        _mm512_mask_storeu_ps(scores + row * n + t0, tail_mask(count),
-                              _mm512_mul_ps(sum_each_of_16(dots), _mm512_set1_ps(scale)));
+        _mm512_mask_storeu_ps(scores + row * n + t0, tail_mask(count), finish(row, t0, sum_each_of_16(dots)));
       }
     }
-  softmax_rows(scores, inv_sum, rows, n);
-  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(v_rows[t], span * D);
+}
+
+// P.V of an item, each row's accumulators in registers: out[row] = inv_sum[row] *
+// sum_t scores[row][t] * value(t), value(vp, vv) loading position t's row (at vp) as C16
+// float vectors.
+template <int C16, typename E, typename T, typename Load>
+inline void item_values(const E* const* v_rows, int64_t n, int64_t span, int64_t group, const float* scores,
+                        const float* inv_sum, T* out, Load&& load) {
+  constexpr int64_t D = C16 * 16;
+  constexpr int R = C16 >= 16 ? 1 : 16 / C16;  // rows per P.V pass: 16 accumulators
+  for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_bytes(v_rows[t], span * D * sizeof(E));
   for (int64_t h = 0; h < span; ++h)
     for (int64_t r0 = 0; r0 < group; r0 += R) {
       const int64_t rr = std::min<int64_t>(R, group - r0), row0 = h * group + r0;
@@ -338,10 +422,9 @@ void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* cons
       for (int i = 0; i < R; ++i)
         for (int c = 0; c < C16; ++c) acc[i][c] = _mm512_setzero_ps();
       for (int64_t t = 0; t < n; ++t) {
-        if (first_pass && t + kPrefetch < n) prefetch_row(v_rows[t + kPrefetch], span * D);
-        const bf16* vp = v_rows[t] + h * D;
+        if (first_pass && t + kPrefetch < n) prefetch_bytes(v_rows[t + kPrefetch], span * D * sizeof(E));
         __m512 vv[C16];
-        for (int c = 0; c < C16; ++c) vv[c] = load16(vp + c * 16);
+        load(v_rows[t] + h * D, vv);
         for (int i = 0; i < R; ++i) {
           if (i >= rr) break;
           const __m512 p = _mm512_set1_ps(scores[(row0 + i) * n + t]);
@@ -353,6 +436,87 @@ void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* cons
           store16(out + (row0 + i) * D + c * 16, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv_sum[row0 + i])));
     }
 }
+
+#if defined(__AVX512BF16__)
+// bf16 decode, one work item: Q.K on vdpbf16ps (bf16 pairs, float32 sums; the scale after the
+// sum); P.V in float32 FMAs in the same order as the generic loop, so the same bits.
+// q: the item's span * group query rows [rows][D]; k_rows/v_rows[t]: position t's row in the
+// pool at the item's first kv head; out: the item's rows. scores: [rows][n] scratch.
+template <int VECS>  // D / 32: bf16 registers per head row
+void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* const* v_rows, int64_t n, int64_t span,
+                      int64_t group, float scale, float* scores, float* inv_sum, bf16* out,
+                      NextItemPrefetcher& next_item) {
+  constexpr int64_t D = VECS * 32;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  __m512i qv[VECS];
+  int64_t loaded = -1;
+  item_scores(k_rows, n, span, group, D, scores, next_item,
+              [&](int64_t row, const bf16* kp) {
+                if (row != loaded) {
+                  for (int c = 0; c < VECS; ++c) qv[c] = _mm512_loadu_si512(q + row * D + c * 32);
+                  loaded = row;
+                }
+                __m512 acc = _mm512_setzero_ps();
+                for (int c = 0; c < VECS; ++c)
+                  acc = _mm512_dpbf16_ps(acc, (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512(kp + c * 32));
+                return acc;
+              },
+              [&](int64_t, int64_t, __m512 sums) { return _mm512_mul_ps(sums, scale_v); });
+  softmax_rows(scores, inv_sum, span * group, n);
+  item_values<VECS * 2>(v_rows, n, span, group, scores, inv_sum, out, [](const bf16* vp, __m512* vv) {
+    for (int c = 0; c < VECS * 2; ++c) vv[c] = load16(vp + c * 16);
+  });
+}
+#endif
+
+#if defined(__AVX512VNNI__)
+// int8 pool decode, one work item. Each query row is quantized as the int8 linears quantize
+// activations (scale max|q| / 127; llama.cpp quantizes Q likewise against a q8_0 cache), and
+// Q.K runs on vpdpbusd: the key bytes, offset by 128 to unsigned (k ^ 0x80), against the
+// signed query bytes, minus 128 * sum(q); exact in int32, then float(dot) * q_scale *
+// k_scale[t] * scale. P.V in float32: p * v_scale[t] * float(v).
+template <int V64, typename T>  // V64 = D / 64: 64-byte key rows
+void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span, int64_t group, float scale,
+                      float* scores, float* inv_sum, int8_t* q_int8, float* q_scale, int32_t* q_sum, T* out,
+                      NextItemPrefetcher& next_item) {
+  constexpr int64_t D = V64 * 64;
+  const int64_t item_rows = span * group;
+  for (int64_t row = 0; row < item_rows; ++row) {
+    q_scale[row] = quantize_row(q + row * D, D, q_int8 + row * D) * scale;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < D; ++i) sum += q_int8[row * D + i];
+    q_sum[row] = 128 * sum;
+  }
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i qv[V64];
+  int64_t loaded = -1;
+  float k_scales[16];
+  item_scores(rows.k_as<int8_t>(), n, span, group, D, scores, next_item,
+              [&](int64_t row, const int8_t* kp) {
+                if (row != loaded) {
+                  for (int c = 0; c < V64; ++c) qv[c] = _mm512_loadu_si512(q_int8 + row * D + c * 64);
+                  loaded = row;
+                }
+                __m512i acc = _mm512_setzero_si512();
+                for (int c = 0; c < V64; ++c)
+                  acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(kp + c * 64), offset), qv[c]);
+                return _mm512_cvtepi32_ps(acc);  // lane sums < 2^24: exact, and so is the tree's float sum
+              },
+              [&](int64_t row, int64_t t0, __m512 sums) {
+                const int64_t h = row / group, count = std::min<int64_t>(16, n - t0);
+                for (int64_t u = 0; u < count; ++u) k_scales[u] = rows.k_scale[t0 + u][h];
+                const __m512 dots = _mm512_sub_ps(sums, _mm512_set1_ps(static_cast<float>(q_sum[row])));
+                return _mm512_mul_ps(_mm512_mul_ps(dots, _mm512_set1_ps(q_scale[row])),
+                                     _mm512_maskz_loadu_ps(tail_mask(count), k_scales));
+              });
+  softmax_rows(scores, inv_sum, item_rows, n);
+  for (int64_t row = 0; row < item_rows; ++row)  // v's scales folded into the probabilities
+    for (int64_t t = 0; t < n; ++t) scores[row * n + t] *= rows.v_scale[t][row / group];
+  item_values<V64 * 4>(rows.v_as<int8_t>(), n, span, group, scores, inv_sum, out, [](const int8_t* vp, __m512* vv) {
+    for (int c = 0; c < V64 * 4; ++c)
+      vv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp + c * 16))));
+  });
+}
 #endif
 
 template <typename T>
@@ -360,74 +524,34 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
                            const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
                            double scale, int64_t window, int64_t q_stride) {
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t chunks = head_dim / 16;
-  const int64_t token_stride = num_kv_heads * head_dim;  // between positions of one block
-  const int64_t block_stride = block_size * token_stride;
-  // A work item is one sequence's span of kv heads: all of them when there are enough sequences
-  // to keep the threads busy, so each position's K/V row is read whole and in order (the heads
-  // of a position are adjacent in the pool); else one kv head, for parallelism at small batch.
-  const int64_t span = num_seqs >= 2 * at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t spans_per_seq = num_kv_heads / span;
-  const int64_t rows = span * group;  // query rows of an item: head h0 + r / group for row r
-  // (first position, count) of an item's window
-  auto positions = [&](int64_t item) {
-    const int64_t len = context_lens[item / spans_per_seq];
-    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-    return std::pair<int64_t, int64_t>(first, len - first);
-  };
-  // where an item's row of position pos starts in a cache (its first kv head)
-  auto pool_offset = [&](int64_t item, int64_t pos) {
-    const int64_t* table = block_tables + (item / spans_per_seq) * max_blocks;
-    const int64_t h0 = (item % spans_per_seq) * span;
-    return table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h0 * head_dim;
-  };
-  at::parallel_for(0, num_seqs * spans_per_seq, 1, [&](int64_t begin, int64_t end) {
+  const DecodeItems items(block_tables, context_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                          max_blocks, window);
+  const int64_t group = items.group, span = items.span, rows = items.rows, chunks = head_dim / 16;
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(rows * head_dim), acc(rows * head_dim), scores, inv_sum(rows);
-    std::vector<const T*> k_rows, v_rows, next_k_rows, next_v_rows;
-    NextItemPrefetcher next_item;
-    // the pool rows of an item's positions, at its first kv head
-    auto item_rows = [&](int64_t item, std::vector<const T*>& k, std::vector<const T*>& v) {
-      const auto [first, n] = positions(item);
-      k.resize(n);
-      v.resize(n);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t offset = pool_offset(item, first + t);
-        k[t] = k_cache + offset;
-        v[t] = v_cache + offset;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
+        auto item_fn = head_dim == 64 ? bf16_decode_item<2> : head_dim == 128 ? bf16_decode_item<4> : bf16_decode_item<8>;
+        pipelined_items<T>(items, begin, end, k_cache, v_cache, nullptr, nullptr,
+                           [&](int64_t item, const ItemRows& item_rows, NextItemPrefetcher& next_item) {
+          const int64_t b = items.seq(item), h0 = items.first_head(item), n = static_cast<int64_t>(item_rows.k.size());
+          scores.resize(rows * n);
+          item_fn(q + b * q_stride + h0 * group * head_dim, item_rows.k_as<bf16>(), item_rows.v_as<bf16>(), n, span,
+                  group, static_cast<float>(scale), scores.data(), inv_sum.data(),
+                  out + (b * num_heads + h0 * group) * head_dim, next_item);
+        });
+        return;
       }
-    };
+    }
+#endif
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / spans_per_seq, h0 = (item % spans_per_seq) * span;
-      const auto [first, n] = positions(item);
+      const int64_t b = items.seq(item), h0 = items.first_head(item);
+      const auto [first, n] = items.positions(item);
       scores.resize(rows * n);
       // The pages are cold (the layer's weights went through the caches since the last step)
-      // and scattered: both paths fetch a few positions ahead, or they wait on each row's misses.
-      auto at_pos = [&](const T* cache, int64_t pos) { return cache + pool_offset(item, pos); };
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, bf16>) {
-        if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
-          if (item == begin) item_rows(item, k_rows, v_rows);  // later items' were made one item ahead
-          if (item + 1 < end) {
-            item_rows(item + 1, next_k_rows, next_v_rows);
-            next_item.reset(next_k_rows.data(), next_v_rows.data(), static_cast<int64_t>(next_k_rows.size()),
-                            span * head_dim);
-          } else {
-            next_item.reset<T>(nullptr, nullptr, 0, 0);
-          }
-          const T* qi = q + b * q_stride + h0 * group * head_dim;
-          T* oi = out + (b * num_heads + h0 * group) * head_dim;
-          auto item_fn = head_dim == 64    ? bf16_decode_item<2>
-                         : head_dim == 128 ? bf16_decode_item<4>
-                                           : bf16_decode_item<8>;
-          item_fn(qi, k_rows.data(), v_rows.data(), n, span, group, static_cast<float>(scale), scores.data(),
-                  inv_sum.data(), oi, next_item);
-          std::swap(k_rows, next_k_rows);
-          std::swap(v_rows, next_v_rows);
-          continue;
-        }
-      }
-#endif
+      // and scattered: fetch a few positions ahead, or wait on each row's misses.
+      auto at_pos = [&](const T* cache, int64_t pos) { return cache + items.pool_offset(item, pos); };
       for (int64_t r = 0; r < rows; ++r) {
         const T* qr = q + b * q_stride + (h0 * group + r) * head_dim;
         for (int64_t c = 0; c < chunks; ++c)
@@ -435,9 +559,10 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
       }
       // fn(t, row of position first + t), in order, the rows kPrefetch positions ahead prefetched
       auto for_each_position = [&](const T* cache, auto&& fn) {
-        for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_row(at_pos(cache, first + t), span * head_dim);
+        const int64_t bytes = span * head_dim * sizeof(T);
+        for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_bytes(at_pos(cache, first + t), bytes);
         for (int64_t t = 0; t < n; ++t) {
-          if (t + kPrefetch < n) prefetch_row(at_pos(cache, first + t + kPrefetch), span * head_dim);
+          if (t + kPrefetch < n) prefetch_bytes(at_pos(cache, first + t + kPrefetch), bytes);
           fn(t, at_pos(cache, first + t));
         }
       };
@@ -469,14 +594,18 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
   });
 }
 
+// query rows may be strided (a view of the fused qkv output); the heads of a row must be packed
+inline at::Tensor packed_query(const at::Tensor& query) {
+  return query.stride(2) == 1 && query.stride(1) == query.size(2) ? query : query.contiguous();
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t sliding_window) {
   // query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && query.scalar_type() == k_cache.scalar_type());
   TORCH_CHECK(query.size(2) % 16 == 0, "head_dim must be a multiple of 16");
-  // query rows may be strided (a view of the fused qkv output); the heads of a row must be packed
-  auto q = query.stride(2) == 1 && query.stride(1) == query.size(2) ? query : query.contiguous();
+  auto q = packed_query(query);
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
@@ -489,6 +618,55 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   });
   return out;
 }
+
+#if defined(__AVX512VNNI__)
+void check_int8_pool(const at::Tensor& cache, const at::Tensor& scales, const char* name) {
+  TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == at::kChar, name, ": int8 pools");
+  TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kFloat && scales.numel() * cache.size(3) == cache.numel(),
+              name, ": float32 scales [num_blocks, block_size, Hkv, 1]");
+}
+
+at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& k_scales, const at::Tensor& v_scales,
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                       int64_t sliding_window) {
+  // query [B, H, D] float32/bf16; caches int8 [num_blocks, block_size, Hkv, D] with scales [..., Hkv, 1]
+  check_int8_pool(k_cache, k_scales, "paged_decode_attention_int8");
+  check_int8_pool(v_cache, v_scales, "paged_decode_attention_int8");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256, "paged_decode_attention_int8: head_dim 64, 128 or 256");
+  auto q = packed_query(query);
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  auto out = at::empty(q.sizes(), q.options());
+  const DecodeItems items(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), q.size(0), q.size(1), k_cache.size(2),
+                          head_dim, k_cache.size(1), tables.size(1), sliding_window);
+  PINFER_DISPATCH(q.scalar_type(), "paged_decode_attention_int8", [&] {
+    auto item_fn = head_dim == 64    ? int8_decode_item<1, scalar_t>
+                   : head_dim == 128 ? int8_decode_item<2, scalar_t>
+                                     : int8_decode_item<4, scalar_t>;
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t rows = items.rows;
+    at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, inv_sum(rows), q_scale(rows);
+      std::vector<int8_t> q_int8(rows * head_dim);
+      std::vector<int32_t> q_sum(rows);
+      pipelined_items<int8_t>(items, begin, end, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                              k_scales.data_ptr<float>(), v_scales.data_ptr<float>(),
+                              [&](int64_t item, const ItemRows& item_rows, NextItemPrefetcher& next_item) {
+        const int64_t b = items.seq(item), h0 = items.first_head(item), n = static_cast<int64_t>(item_rows.k.size());
+        scores.resize(rows * n);
+        item_fn(qp + b * q.stride(0) + h0 * items.group * head_dim, item_rows, n, items.span, items.group,
+                static_cast<float>(scale), scores.data(), inv_sum.data(), q_int8.data(), q_scale.data(), q_sum.data(),
+                op + (b * q.size(1) + h0 * items.group) * head_dim, next_item);
+      });
+    });
+  });
+  return out;
+}
+#endif
 
 // ---- sampling: Gumbel-max at a temperature, with the chosen token's logprob and rank -------
 // What sampling/sampler.py's _plain_random_sample computes, in three passes over each row
@@ -715,6 +893,37 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
     }
   });
 }
+
+#if defined(__AVX512VNNI__)
+void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                   at::Tensor& k_scales, at::Tensor& v_scales, const at::Tensor& slot_mapping) {
+  // key/value [T, Hkv, D] float32/bf16, rows may be strided; int8 pools as in paged_decode_attention_int8:
+  // each head row quantized as Int8KV.store quantizes it (quantize_row), so the same bits
+  check_int8_pool(k_cache, k_scales, "store_kv_int8");
+  check_int8_pool(v_cache, v_scales, "store_kv_int8");
+  const int64_t heads = key.size(1), head_dim = key.size(2);
+  TORCH_CHECK(key.scalar_type() == value.scalar_type() && key.stride(2) == 1 && key.stride(1) == head_dim &&
+              value.stride(2) == 1 && value.stride(1) == head_dim && k_cache.size(2) == heads &&
+              k_cache.size(3) == head_dim && slot_mapping.scalar_type() == at::kLong);
+  auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < key.size(0); ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "store_kv_int8: slot ", slot[t], " outside the pool");
+  PINFER_DISPATCH(key.scalar_type(), "store_kv_int8", [&] {
+    at::parallel_for(0, key.size(0), 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t row = slot[t] * heads + h;
+          k_scales.data_ptr<float>()[row] = quantize_row(key.data_ptr<scalar_t>() + t * key.stride(0) + h * head_dim,
+                                                         head_dim, k_cache.data_ptr<int8_t>() + row * head_dim);
+          v_scales.data_ptr<float>()[row] = quantize_row(value.data_ptr<scalar_t>() + t * value.stride(0) + h * head_dim,
+                                                         head_dim, v_cache.data_ptr<int8_t>() + row * head_dim);
+        }
+    });
+  });
+}
+#endif
 
 // ---- int8 linears (model/quantization.py's Int8Linear) ----------------------------------------
 // w8a8 with per-row scales: x_scale = max|x_row| / 127, xq = round(x / x_scale) (half to even),
@@ -1248,7 +1457,8 @@ at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t fir
 }
 
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& positions, at::TensorList k_caches,
-                         at::TensorList v_caches, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                         at::TensorList v_caches, at::TensorList k_scales, at::TensorList v_scales,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
                          at::TensorList norms, at::TensorList weights, at::TensorList biases, int64_t kind,
                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
@@ -1258,6 +1468,10 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
   TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == 2 * k_caches.size() + 1 &&
               static_cast<int64_t>(weights.size()) == 4 * per_linear * layers && biases.size() == 4 * k_caches.size(),
               "decode_layers: ", layers, " layers need 2 per layer + 1 norms, 4 linears and 4 biases per layer");
+  // int8 KV pools (Int8KV) come with their scale pools; else the scale lists are empty
+  const bool int8_pools = !k_scales.empty();
+  TORCH_CHECK(!int8_pools || (k_scales.size() == k_caches.size() && v_scales.size() == k_caches.size()),
+              "decode_layers: one k and v scale pool per layer");
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, tokens = hidden_in.size(0);
   at::Tensor residual = hidden_in;
   at::Tensor hidden = rms_norm(hidden_in, norms[0], eps);
@@ -1269,9 +1483,16 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
     rotary_(q, k, cos, sin, positions);
-    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l];
-    store_kv(k, v, k_cache, v_cache, slot_mapping);
-    at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
+    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l], attn;
+    if (int8_pools) {
+      at::Tensor k_scale = k_scales[l], v_scale = v_scales[l];
+      store_kv_int8(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping);
+      attn = paged_decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale,
+                                         sliding_window);
+    } else {
+      store_kv(k, v, k_cache, v_cache, slot_mapping);
+      attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
+    }
     at::Tensor o =
         stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, biases[4 * l + 1]);
     hidden = add_rms_norm(o, residual, norms[2 * l + 1], eps);
@@ -1311,11 +1532,16 @@ TORCH_LIBRARY(pinfer, m) {
 #if defined(__AVX512VNNI__)
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
   m.def("int4_gemm(Tensor x, Tensor packed) -> Tensor", &int4_gemm);
+  m.def("paged_decode_attention_int8(Tensor query, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor v_scales, "
+        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window) -> Tensor",
+        &paged_decode_attention_int8);
+  m.def("store_kv_int8(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scales, "
+        "Tensor(d!) v_scales, Tensor slot_mapping) -> ()", &store_kv_int8);
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
   // hidden is the first residual, updated in place, as the module path does with the embedding output
   m.def("decode_layers(Tensor(c!) hidden, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-        "Tensor slot_mapping, "
+        "Tensor(d!)[] k_scales, Tensor(e!)[] v_scales, Tensor slot_mapping, "
         "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
         "Tensor[] biases, int kind, int num_heads, int num_kv_heads, int head_dim, float eps, "
         "float scale, int sliding_window) -> Tensor", &decode_layers);

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pinfer import kernels
+from pinfer.model.attention.base import Int8KV
 from pinfer.model.layers.norm import RMSNorm
 from pinfer.model.packed_linear import PackedLinear
 from pinfer.model.quantization import Int4Linear, Int8Linear
@@ -141,8 +142,17 @@ def stack_tensors(model: nn.Module, backend) -> tuple[list, list, list, int, int
 def decode_stack(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, kv_caches, meta,
                  backend) -> torch.Tensor | None:
     """The final hidden states of a pure decode step from one kernel call, or None (run the modules)."""
-    if not (meta.is_pure_decode and kernels.usable(hidden) and hidden.dtype == torch.bfloat16
-            and kv_caches[0][0].dtype == torch.bfloat16):
+    if not (meta.is_pure_decode and kernels.usable(hidden) and hidden.dtype == torch.bfloat16):
+        return None
+    k_pools, v_pools = [k for k, _ in kv_caches], [v for _, v in kv_caches]
+    if isinstance(k_pools[0], Int8KV):  # int8 pools: their data and scales (the kernel's int8 attention)
+        if model.config.head_dim not in (64, 128, 256) or not kernels.has("paged_decode_attention_int8"):
+            return None
+        k_scales, v_scales = [k.scale for k in k_pools], [v.scale for v in v_pools]
+        k_pools, v_pools = [k.data for k in k_pools], [v.data for v in v_pools]
+    elif k_pools[0].dtype == torch.bfloat16:
+        k_scales = v_scales = []
+    else:
         return None
     tensors = stack_tensors(model, backend)
     if tensors is None:
@@ -150,7 +160,7 @@ def decode_stack(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
     norms, weights, biases, kind, window = tensors
     config, rotary = model.config, model.layers[0].self_attn.rotary
     return torch.ops.pinfer.decode_layers(
-        hidden, positions, [k for k, _ in kv_caches], [v for _, v in kv_caches], meta.slot_mapping,
+        hidden, positions, k_pools, v_pools, k_scales, v_scales, meta.slot_mapping,
         meta.block_tables, meta.context_lens, rotary.cos, rotary.sin, norms, weights, biases, kind,
         config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps,
         model.layers[0].self_attn.scale, window)

@@ -13,7 +13,7 @@ openai package against a `pinfer serve` started with the same configuration: tot
 tok/s, TTFT / TPOT / ITL percentiles, the server's peak RSS and CPU time), long_prompt
 (TTFT in seconds of one ~1,000-token prompt). EOS is ignored in all of them.
 
-Comma-separated values of --model, --dtype, --quantization, --attention-backend,
+Comma-separated values of --model, --dtype, --quantization, --kv-cache-dtype, --attention-backend,
 --max-num-seqs and --threads make one configuration per combination. Each
 configuration runs in a fresh process (bench_worker.py), so its peak RSS is its
 own; this process only orchestrates, prints and writes the files.
@@ -43,6 +43,7 @@ from pinfer.tools.workloads import WORKLOAD_NAMES
 AXES: dict[str, Any] = {
     "engine": str,
     "model": str, "dtype": str, "quantization": lambda v: None if v in ("none", "") else v,
+    "kv_cache_dtype": lambda v: v or "auto",
     "attention_backend": lambda v: None if v in ("default", "") else v, "max_num_seqs": int,
     "threads": lambda v: None if v in ("default", "") else int(v),
 }
@@ -63,6 +64,8 @@ def add_bench_parser(subparsers) -> None:
     axes.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"models (default: {DEFAULT_MODEL})")
     axes.add_argument("--dtype", default="auto", help="e.g. float32,bfloat16 (default: auto)")
     axes.add_argument("--quantization", "-q", default="none", help="none, int8, int4 (default: none)")
+    axes.add_argument("--kv-cache-dtype", default="auto",
+                      help="auto, int8 (default: auto); llama.cpp gets q8_0 K and V caches for int8")
     axes.add_argument("--attention-backend", default="default",
                       help="paged, blocked, reference, batch_invariant (default: paged, or batch_invariant "
                            "with --deterministic)")
@@ -166,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             spec = {**common, **config}
             e = config["engine"]
             print(f"[{i + 1}/{len(configs)}] {config['runner']}: {e['model']} dtype={e['dtype']} "
-                  f"quantization={e['quantization'] or 'none'} attention={e['attention_backend']} "
+                  f"quantization={e['quantization'] or 'none'} kv={e['kv_cache_dtype']} attention={e['attention_backend']} "
                   f"threads={config['threads'] or 'default'}", file=sys.stderr)
             result = run_worker(spec, Path(tmp), i)
             records.append({"spec": spec, "result": result})

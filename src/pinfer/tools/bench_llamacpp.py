@@ -201,6 +201,8 @@ class LlamaCppRunner:
         source = resolve_model(self.model_name)
         dtype = str(engine.get("dtype") or "auto").removeprefix("torch.")
         self.quantization = engine.get("quantization")
+        # pinfer's int8 KV cache against llama.cpp's q8_0 one (a quantized V cache needs flash attention)
+        self.kv_cache_dtype = engine.get("kv_cache_dtype", "auto")
         self.weights = gguf_for_precision(source, dtype, self.quantization)
         self.dtype = resolve_dtype(source, dtype)  # reported in pinfer's terms, so rows line up
         print(f"  llama.cpp: running {self.weights.path} ({self.weights.type})", file=sys.stderr, flush=True)
@@ -226,7 +228,9 @@ class LlamaCppRunner:
             "gguf_file": str(self.weights.path), "gguf_type": self.weights.type,
             "gguf_converted": self.weights.converted, "architecture": arch.value.decode(errors="replace"),
             "dtype": self.dtype, "quantization": self.quantization or "none",
-            "attention_backend": "ggml (flash-attn auto)", "kv_cache": "one stream per request (kv_unified off)",
+            "kv_cache_dtype": self.kv_cache_dtype, "kv_cache_type": "q8_0" if self.kv_cache_dtype == "int8" else "f16",
+            "attention_backend": "ggml (flash-attn on)" if self.kv_cache_dtype == "int8" else "ggml (flash-attn auto)",
+            "kv_cache": "one stream per request (kv_unified off)",
             "threads": self.threads, "device": "cpu", "max_num_seqs": None, "deterministic": False,
             **llama_cpp_build(),
         }
@@ -328,6 +332,11 @@ class LlamaCppRunner:
             "kv_unified": False,
             "n_threads": self.threads, "n_threads_batch": self.threads,
         }
+        if self.kv_cache_dtype == "int8":
+            settings.update(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0,
+                            flash_attn_type=llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+            if not {"type_k", "type_v", "flash_attn_type"} <= fields:
+                raise RuntimeError("this llama-cpp-python cannot set a q8_0 KV cache (no type_k/type_v/flash_attn_type)")
         for name, value in settings.items():
             if name in fields:
                 setattr(params, name, value)

@@ -35,6 +35,8 @@ class TransformersRunner:
         from pinfer.loading.resolve import resolve_model
 
         engine = spec["engine"]
+        if engine.get("kv_cache_dtype", "auto") != "auto":
+            raise ValueError("the transformers peer runs its default KV cache only (kv_cache_dtype must be auto)")
         if engine.get("quantization"):
             raise ValueError("the transformers peer runs unquantized only (quantization must be none)")
         if spec.get("threads"):

@@ -99,6 +99,7 @@ class Row:
     itl_p99_ms: float | None = None
     concurrency: int | None = None  # streaming clients of a served workload; None: offline
     not_applicable: bool = False  # with error: the engine cannot run this workload (not a failure)
+    kv_cache_dtype: str = "auto"  # the KV cache's storage: auto (the model's dtype) or int8
 
     def headline(self) -> tuple[float | None, float | None]:
         """(mean, stddev) of the headline number: tok/s, or seconds for the "ttft" metric."""
@@ -122,14 +123,16 @@ def describe_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A configuration as it was asked for (nothing resolved), for the rows of what did not run."""
     e = spec["engine"]
     return {"engine": spec.get("runner", "pinfer"), "model": e["model"], "dtype": str(e["dtype"]),
-            "quantization": e["quantization"] or "none", "threads": spec.get("threads"),
+            "quantization": e["quantization"] or "none", "kv_cache_dtype": e.get("kv_cache_dtype", "auto"),
+            "threads": spec.get("threads"),
             "attention_backend": e["attention_backend"], "max_num_seqs": e["max_num_seqs"]}
 
 
 def error_row(config: dict[str, Any], workload: str, metric: str, error: str, not_applicable: bool = False) -> Row:
     """config: a result's "describe" (or describe_spec); a row that says why there are no numbers."""
     return Row(engine=config.get("engine", "pinfer"), model=config["model"], dtype=config["dtype"],
-               quantization=config["quantization"], threads=config["threads"],
+               quantization=config["quantization"], kv_cache_dtype=config.get("kv_cache_dtype", "auto"),
+               threads=config["threads"],
                attention_backend=config["attention_backend"], max_num_seqs=config["max_num_seqs"],
                workload=workload, metric=metric, error=error, not_applicable=not_applicable)
 
@@ -150,6 +153,7 @@ def summarize(config: dict[str, Any], workload: dict[str, Any]) -> Row:
     peak = workload["peak_rss_bytes"]
     return Row(
         engine=config.get("engine", "pinfer"), model=config["model"], dtype=config["dtype"], quantization=config["quantization"],
+        kv_cache_dtype=config.get("kv_cache_dtype", "auto"),
         threads=config["threads"], attention_backend=config["attention_backend"],
         max_num_seqs=config["max_num_seqs"], workload=workload["workload"], metric=workload["metric"],
         repeats=len(runs), tok_s_mean=tok_s_mean, tok_s_std=tok_s_std,
@@ -172,6 +176,8 @@ def format_table(rows: list[Row], energy: bool, rapl: bool) -> str:
         ("quant", "<", lambda r: r.quantization),
         ("threads", ">", lambda r: "" if r.threads is None else str(r.threads)),
     ]
+    if any(r.kv_cache_dtype != "auto" for r in rows):
+        columns.append(("kv cache", "<", lambda r: r.kv_cache_dtype))
     if any(r.attention_backend != "paged" for r in rows):
         columns.append(("attention", "<", lambda r: r.attention_backend))
     if len({r.max_num_seqs for r in rows}) > 1:

@@ -76,6 +76,7 @@ class PinferRunner:
             "architecture": engine.model_config.architecture,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "quantization": config.quantization or "none",
+            "kv_cache_dtype": config.kv_cache_dtype,
             "attention_backend": config.attention_backend,
             "threads": torch.get_num_threads(),
             "device": str(engine.device),

@@ -228,7 +228,8 @@ def _post(url: str, body: dict[str, Any]) -> int:
 # EngineConfig fields pinfer_serve_command passes on; seed has no serve flag (requests bring their own).
 _SERVE_FIELDS = {"model", "dtype", "device", "block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
                  "max_model_len", "enable_prefix_caching", "attention_backend", "seed", "deterministic",
-                 "quantization", "trace_file", "trace_layers", "tensor_parallel_size", "data_parallel_size", "compile"}
+                 "quantization", "trace_file", "trace_layers", "tensor_parallel_size", "data_parallel_size", "compile",
+                 "kv_cache_dtype"}
 
 
 def pinfer_serve_command(engine: dict[str, Any]) -> list[str]:
@@ -245,7 +246,8 @@ def pinfer_serve_command(engine: dict[str, Any]) -> list[str]:
             "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
             "--attention-backend", str(engine["attention_backend"]),
             "--tensor-parallel-size", str(engine["tensor_parallel_size"]),
-            "--data-parallel-size", str(engine["data_parallel_size"])]
+            "--data-parallel-size", str(engine["data_parallel_size"]),
+            "--kv-cache-dtype", str(engine.get("kv_cache_dtype", "auto"))]
     optional = {"--device": engine["device"], "--max-model-len": engine["max_model_len"],
                 "--quantization": engine["quantization"], "--trace": engine["trace_file"]}
     args += [a for flag, value in optional.items() if value is not None for a in (flag, str(value))]
@@ -283,6 +285,7 @@ class PinferServeRunner:
             "engine": self.name, "served_by": "pinfer serve", "model": _short_model_name(self.model_name),
             "model_path": self.model_name, "architecture": ModelConfig.from_hf_config(checkpoint.config).architecture,
             "dtype": str(dtype).removeprefix("torch."), "quantization": engine["quantization"] or "none",
+            "kv_cache_dtype": engine.get("kv_cache_dtype", "auto"),
             "attention_backend": engine["attention_backend"],
             "threads": self.spec.get("threads") or torch.get_num_threads(),  # the server's default is ours
             "device": engine["device"] or ("cuda" if torch.cuda.is_available() else "cpu"),

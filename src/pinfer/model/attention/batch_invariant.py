@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, KVPool, gather_blocks
 
 
 SPLIT_TOKENS = 64  # keys folded per iteration (rounded to whole pages); fixed, or results would vary
@@ -43,8 +43,8 @@ class BatchInvariantAttention(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
+        k_cache: KVPool,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: KVPool,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
@@ -80,8 +80,8 @@ class BatchInvariantAttention(AttentionBackend):
             ids = pages[:, i * pages_per_split : (i + 1) * pages_per_split].reshape(-1)
             # Contiguous operands: on a strided (permuted) one, matmul picks a different kernel for a
             # batch of 1 than for a larger batch (measured: last-bit different rows), breaking invariance.
-            k = k_cache.index_select(0, ids).view(kv_shape).float().permute(0, 2, 3, 1).contiguous()  # [N, Hkv, D, S]
-            v = v_cache.index_select(0, ids).view(kv_shape).float().transpose(1, 2).contiguous()  # [N, Hkv, S, D]
+            k = gather_blocks(k_cache, ids).view(kv_shape).float().permute(0, 2, 3, 1).contiguous()  # [N, Hkv, D, S]
+            v = gather_blocks(v_cache, ids).view(kv_shape).float().transpose(1, 2).contiguous()  # [N, Hkv, S, D]
             scores = torch.matmul(q, k)  # [N, Hkv, G, S]
             k_pos = (i * split + offsets)[None, :]
             hidden = k_pos > positions[:, None]  # [N, S]

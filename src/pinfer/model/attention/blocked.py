@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, KVPool, gather_blocks
 
 
 class BlockedAttention(AttentionBackend):
@@ -21,8 +21,8 @@ class BlockedAttention(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
+        k_cache: KVPool,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: KVPool,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
@@ -62,8 +62,8 @@ class BlockedAttention(AttentionBackend):
             first_block = max(0, first_visible) // block_size
         for j in range(first_block, num_blocks):
             block_ids = meta.block_tables[:, j]  # past a sequence's end this is padding; its keys get masked
-            k = k_cache[block_ids].float().permute(0, 2, 3, 1)  # [B, Hkv, D, bs]
-            v = v_cache[block_ids].float().permute(0, 2, 1, 3)  # [B, Hkv, bs, D]
+            k = gather_blocks(k_cache, block_ids).float().permute(0, 2, 3, 1)  # [B, Hkv, D, bs]
+            v = gather_blocks(v_cache, block_ids).float().permute(0, 2, 1, 3)  # [B, Hkv, bs, D]
             scores = q @ k  # [B, Hkv, G*max_q, bs]
             k_pos = j * block_size + offsets
             hidden = (k_pos > q_pos) | (k_pos >= context_lens)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pinfer import kernels
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, Int8KV, KVPool, gather_blocks
 
 
 def decode_blocks(max_context_len: int, block_size: int, sliding_window: int | None) -> int:
@@ -92,8 +92,8 @@ def decode_plan(
 
 def paged_decode(
     query: torch.Tensor,  # [B, num_heads, head_dim], one new token per sequence
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,
+    k_cache: KVPool,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: KVPool,
     block_tables: torch.Tensor,  # [B, max_blocks]
     context_lens: torch.Tensor,  # [B]
     max_context_len: int,
@@ -111,8 +111,8 @@ def paged_decode(
     max_len = plan.num_blocks * block_size
     shape = (num_seqs * plan.num_blocks, *k_cache.shape[1:])
     if workspace is None:
-        k = k_cache.index_select(0, plan.block_ids)
-        v = v_cache.index_select(0, plan.block_ids)
+        k = gather_blocks(k_cache, plan.block_ids)
+        v = gather_blocks(v_cache, plan.block_ids)
     else:
         k_buf, v_buf = workspace[: 2 * k_cache[0].numel() * shape[0]].view(2, *shape)
         k = torch.index_select(k_cache, 0, plan.block_ids, out=k_buf)
@@ -129,8 +129,8 @@ def paged_decode(
 
 def prefill_one(
     query: torch.Tensor,  # [query_len, num_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: KVPool,
+    v_cache: KVPool,
     block_table: torch.Tensor,  # [max_blocks]
     context_len: int,
     scale: float,
@@ -146,8 +146,8 @@ def prefill_one(
     first_block = k_start // block_size
     block_ids = block_table[first_block : -(-context_len // block_size)]
     rows = slice(k_start - first_block * block_size, context_len - first_block * block_size)
-    k = k_cache.index_select(0, block_ids).flatten(0, 1)[rows].transpose(0, 1)[None]  # [1, Hkv, L, D]
-    v = v_cache.index_select(0, block_ids).flatten(0, 1)[rows].transpose(0, 1)[None]
+    k = gather_blocks(k_cache, block_ids).flatten(0, 1)[rows].transpose(0, 1)[None]  # [1, Hkv, L, D]
+    v = gather_blocks(v_cache, block_ids).flatten(0, 1)[rows].transpose(0, 1)[None]
     q = query.transpose(0, 1)[None]  # [1, H, Lq, D]
     if query_len == context_len and sliding_window is None:
         # No prefix: SDPA's top-left causal mask is the right one, and is_causal lets the
@@ -166,8 +166,8 @@ def prefill_one(
 
 def prefill_padded(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], all tokens of the step
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: KVPool,
+    v_cache: KVPool,
     query_start: torch.Tensor,  # [B] first token row of each prefill sequence
     query_lens: torch.Tensor,  # [B]
     context_lens: torch.Tensor,  # [B]
@@ -190,8 +190,8 @@ def prefill_padded(
     rows = (query_start[:, None] + t).clamp(max=query.shape[0] - 1)  # padding rows repeat a real token
     q = query[rows].transpose(1, 2)  # [B, H, Lq, D]
     block_ids = block_tables[:, :num_blocks].reshape(-1)
-    k = k_cache.index_select(0, block_ids).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, block_ids).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    k = gather_blocks(k_cache, block_ids).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+    v = gather_blocks(v_cache, block_ids).view(num_seqs, max_len, num_kv_heads, head_dim).transpose(1, 2)
     q_pos = (context_lens - query_lens)[:, None] + t  # [B, Lq]
     # Padding rows take the last real position, so that even with a window no row is fully masked.
     q_pos = torch.minimum(q_pos, context_lens[:, None] - 1)
@@ -239,8 +239,8 @@ class PagedAttention(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
+        k_cache: KVPool,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: KVPool,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
@@ -312,8 +312,8 @@ class PagedAttention(AttentionBackend):
     def _decode(
         self,
         query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        k_cache: KVPool,
+        v_cache: KVPool,
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         max_context_len: int,
@@ -322,7 +322,12 @@ class PagedAttention(AttentionBackend):
         step_cache: dict,  # the step's AttentionMetadata.step_cache: the plan is made once for every layer
         rows: str,  # which rows of the step these are ("all rows", "decode rows"): part of the cache key
     ) -> torch.Tensor:
-        if kernels.usable(query) and query.dtype == k_cache.dtype and query.shape[-1] % 16 == 0:
+        if isinstance(k_cache, Int8KV):
+            if kernels.usable(query) and query.shape[-1] % 64 == 0 and kernels.has("paged_decode_attention_int8"):
+                return torch.ops.pinfer.paged_decode_attention_int8(
+                    query, k_cache.data, v_cache.data, k_cache.scale, v_cache.scale, block_tables, context_lens, scale,
+                    sliding_window or 0)
+        elif kernels.usable(query) and query.dtype == k_cache.dtype and query.shape[-1] % 16 == 0:
             # Reads the pages in place through the block table: no gather, no mask (kernels/cpu_ops.cpp).
             return torch.ops.pinfer.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
                                                            sliding_window or 0)
@@ -331,6 +336,9 @@ class PagedAttention(AttentionBackend):
         if plan is None:
             plan = step_cache[key] = decode_plan(block_tables, context_lens, max_context_len, k_cache.shape[1],
                                                  sliding_window)
+        if isinstance(k_cache, Int8KV):  # dequantized pages: a fresh gather, no workspace
+            return paged_decode(query, k_cache, v_cache, block_tables, context_lens, max_context_len, scale,
+                                sliding_window=sliding_window, plan=plan)
         needed = 2 * query.shape[0] * plan.num_blocks * k_cache[0].numel()
         ws = self._workspace
         if ws is None or ws.numel() < needed or ws.dtype != k_cache.dtype or ws.device != k_cache.device:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, KVPool, gather_blocks
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def gather_context(cache: KVPool, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """A sequence's first context_len keys (or values) as one [L, Hkv, D] tensor."""
     block_size = cache.shape[1]
     num_blocks = -(-context_len // block_size)
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:context_len]
+    return gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:context_len]
 
 
 class ReferenceAttention(AttentionBackend):
@@ -24,8 +24,8 @@ class ReferenceAttention(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
+        k_cache: KVPool,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: KVPool,
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
