@@ -12,6 +12,7 @@ import time
 import torch
 
 from pinfer import kernels
+from pinfer.model.attention.base import Int8KV
 from pinfer.model.attention.paged import paged_decode, prefill_one
 from pinfer.model.quantization import Int4Linear
 from pinfer.sampling.random import row_keys
@@ -52,10 +53,18 @@ def decode(num_seqs: int, lo: int, hi: int) -> str:
     return f"decode attention, {num_seqs} seqs, contexts {lo}-{hi}: SDPA + gather {ref:.3f}, kernel {own:.3f}"
 
 
+def int8_pool(pool: torch.Tensor) -> Int8KV:
+    """pool's values in an int8 pool (kv_cache_dtype="int8")."""
+    quantized = Int8KV(torch.empty(pool.shape, dtype=torch.int8), torch.empty(*pool.shape[:-1], 1), pool.dtype)
+    rows = pool.view(-1, *pool.shape[2:])
+    quantized.store(torch.arange(rows.shape[0]), rows)
+    return quantized
+
+
 def decode_from_memory(num_seqs: int, lo: int, hi: int, layers: int = 30) -> str:
     """As in a decode step: each layer's pool comes from memory (the layers' pools and weights
     went through the caches since), and a sequence's blocks are scattered, allocated in turns
-    with the other sequences' as they grow."""
+    with the other sequences' as they grow. bf16 pools, then int8 ones."""
     per_seq = hi // BS + 1
     blocks = 4 * num_seqs * per_seq  # the engine's pool is larger than the blocks in use
     pools = [(torch.randn(blocks, BS, HKV, D).to(DTYPE), torch.randn(blocks, BS, HKV, D).to(DTYPE))
@@ -68,8 +77,15 @@ def decode_from_memory(num_seqs: int, lo: int, hi: int, layers: int = 30) -> str
         for k, v in pools:
             torch.ops.pinfer.paged_decode_attention(q, k, v, tables, lens, D**-0.5, 0)
 
+    bf16 = best_ms(all_layers, 10) / layers
+    pools = [(int8_pool(k), int8_pool(v)) for k, v in pools]
+
+    def all_layers_int8():
+        for k, v in pools:
+            torch.ops.pinfer.paged_decode_attention_int8(q, k.data, v.data, k.scale, v.scale, tables, lens, D**-0.5, 0)
+
     return (f"decode attention from memory, {num_seqs} seqs, contexts {lo}-{hi}, {layers} layers' pools: "
-            f"kernel {best_ms(all_layers, 10) / layers:.3f} a layer")
+            f"kernel {bf16:.3f} a layer, int8 pools {best_ms(all_layers_int8, 10) / layers:.3f}")
 
 
 def prefill(length: int) -> str:

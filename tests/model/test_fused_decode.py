@@ -1,6 +1,6 @@
 """The decode step's decoder stack in one kernel call (model/fused_decode.py) computes the
-module path's bits: the same tokens and logprobs from the real SmolLM2 weights (bf16, int8, int4)
-and from tiny Qwen2 (qkv bias) and Mistral (sliding window) checkpoints, and it steps aside
+module path's bits: the same tokens and logprobs from the real SmolLM2 weights (bf16, int8, int4;
+bf16 and int8 KV caches) and from tiny Qwen2 (qkv bias) and Mistral (sliding window) checkpoints, and it steps aside
 where a layer would take other ops (Qwen3's q/k norms)."""
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def assert_same(fused, modules) -> None:
             assert f.outputs[0].logprobs == m.outputs[0].logprobs  # every entry, bit for bit
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_smollm2_fused_decode_has_the_module_path_bits(smollm2_gguf, quantization, monkeypatch):
-    llm = LLM(str(smollm2_gguf), dtype="bfloat16", quantization=quantization, kv_cache_memory="64MiB")
+@pytest.mark.parametrize("quantization,kv_cache_dtype",
+                         [(None, "auto"), ("int8", "auto"), ("int4", "auto"), (None, "int8"), ("int8", "int8")])
+def test_smollm2_fused_decode_has_the_module_path_bits(smollm2_gguf, quantization, kv_cache_dtype, monkeypatch):
+    llm = LLM(str(smollm2_gguf), dtype="bfloat16", quantization=quantization, kv_cache_memory="64MiB",
+              kv_cache_dtype=kv_cache_dtype)
     chat = llm.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}])
     prompts = [chat, chat[:-4], chat + [1000, 2000, 3000]]
     fused, modules, fused_steps = generate_both_ways(llm, prompts, monkeypatch)

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from pinfer.entrypoints.cli import build_parser, main
+from pinfer.errors import PinferError
 from pinfer.loading.loader import open_checkpoint
 from pinfer.loading.resolve import DEFAULT_MODEL
 from pinfer.tools import energy
@@ -59,6 +60,16 @@ def test_comma_separated_flags_make_one_configuration_per_combination():
     assert all(c["threads"] == 1 and c["engine"]["attention_backend"] == "paged" for c in configs)
     deterministic = expand_configs(build_parser().parse_args(["bench", "--deterministic"]))
     assert deterministic[0]["engine"]["attention_backend"] == "batch_invariant"
+    kv = expand_configs(build_parser().parse_args(["bench", "--kv-cache-dtype", "auto,int8"]))
+    assert [c["engine"]["kv_cache_dtype"] for c in kv] == ["auto", "int8"]
+    with pytest.raises(PinferError, match="kv_cache_dtype must be one of"):
+        expand_configs(build_parser().parse_args(["bench", "--kv-cache-dtype", "auto,q4"]))
+
+
+def test_table_has_a_kv_cache_column_once_a_row_uses_int8():
+    assert "kv cache" not in format_table([_row()], energy=False, rapl=False)
+    table = format_table([_row(), _row(kv_cache_dtype="int8")], energy=False, rapl=False).splitlines()
+    assert "| kv cache |" in table[0] and "| auto     |" in table[2] and "| int8     |" in table[3]
 
 
 def _row(**kw) -> Row:

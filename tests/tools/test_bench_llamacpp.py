@@ -138,3 +138,20 @@ def test_greedy_tokens_match_pinfer_int4_until_a_near_tie(runner, pinfer_int4):
         top = theirs.logprobs[agree]
         assert ours[agree] in top, (agree, top)
         assert top[theirs.token_ids[agree]].logprob - top[ours[agree]].logprob < 0.35
+
+
+def test_an_int8_kv_cache_runs_llama_cpp_with_q8_0_caches():
+    """kv_cache_dtype="int8" is llama.cpp's q8_0 K and V caches (with flash attention, which a
+    quantized V cache needs): the context is created and a rollout gives its tokens."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'pinfer[bench]')")
+    from pinfer.tools.bench_llamacpp import LlamaCppRunner
+
+    r = LlamaCppRunner({"engine": {"model": DEFAULT_MODEL, "dtype": "auto", "quantization": "int8",
+                                   "kv_cache_dtype": "int8"}, "threads": 1})
+    try:
+        described = r.describe()
+        assert (described["kv_cache_type"], described["gguf_type"]) == ("q8_0", "Q8_0")
+        out = r.generate(make_workload("rollout", max_tokens=4, num_prompts=2))
+        assert out.tokens.shape == (2, 4) and np.isfinite(out.logprobs).all()
+    finally:
+        r.close()

@@ -306,21 +306,27 @@ struct ItemRows {
 constexpr int kNextItemLinesPerChunk = 12;
 
 struct NextItemPrefetcher {
-  const ItemRows* rows = nullptr;
+  const char* const* k_rows = nullptr;
+  const char* const* v_rows = nullptr;
+  const float* const* k_scales = nullptr;  // null: no scales (a pool in the model's dtype)
+  const float* const* v_scales = nullptr;
   int64_t n = 0, lines = 0, t = 0, line = 0;
 
   void reset(const ItemRows* next) {
-    rows = next, n = next ? static_cast<int64_t>(next->k.size()) : 0, t = 0, line = 0;
-    lines = next ? (next->row_bytes + 63) / 64 : 0;
+    n = next ? static_cast<int64_t>(next->k.size()) : 0, t = 0, line = 0;
+    if (!next) return;
+    k_rows = next->k.data(), v_rows = next->v.data(), lines = (next->row_bytes + 63) / 64;
+    k_scales = next->k_scale.empty() ? nullptr : next->k_scale.data();
+    v_scales = next->v_scale.empty() ? nullptr : next->v_scale.data();
   }
   inline void step(int count) {
     for (int i = 0; i < count && t < n; ++i) {
-      if (line == 0 && !rows->k_scale.empty()) {  // a position's scales: a few bytes, mostly one line per block
-        _mm_prefetch(reinterpret_cast<const char*>(rows->k_scale[t]), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(rows->v_scale[t]), _MM_HINT_T1);
+      if (line == 0 && k_scales) {  // a position's scales: a few bytes, mostly one line per block
+        _mm_prefetch(reinterpret_cast<const char*>(k_scales[t]), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(v_scales[t]), _MM_HINT_T1);
       }
-      _mm_prefetch(rows->k[t] + line * 64, _MM_HINT_T1);
-      _mm_prefetch(rows->v[t] + line * 64, _MM_HINT_T1);
+      _mm_prefetch(k_rows[t] + line * 64, _MM_HINT_T1);
+      _mm_prefetch(v_rows[t] + line * 64, _MM_HINT_T1);
       if (++line == lines) line = 0, ++t;
     }
   }
@@ -377,18 +383,20 @@ inline __m512 sum_each_of_16(__m512* v) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), z);
 }
 
-// Q.K of an item, 16 positions at a time: dot(u, row, kp, acc) accumulates the query row's
-// dot with the key row at kp into acc's lanes; the 16 positions' lanes are then summed by one
+// Q.K of an item, 16 positions at a time: start_row(row) loads a query row, dot(kp) returns its
+// products with the key row at kp in 16 lanes; the 16 positions' lanes are then summed by one
 // shuffle tree instead of 16 horizontal sums. scores[row][t] = finish(row, t0, sums of t0..).
-template <typename E, typename Dot, typename Finish>
-inline void item_scores(const E* const* k_rows, int64_t n, int64_t span, int64_t group, int64_t head_dim,
-                        float* scores, NextItemPrefetcher& next_item, Dot&& dot, Finish&& finish) {
+template <typename E, typename StartRow, typename Dot, typename Finish>
+__attribute__((always_inline)) inline void item_scores(const E* const* k_rows, int64_t n, int64_t span, int64_t group, int64_t head_dim,
+                        float* scores, NextItemPrefetcher& next_item, StartRow&& start_row, Dot&& dot,
+                        Finish&& finish) {
   const int64_t row_elements = span * head_dim;
   for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_bytes(k_rows[t], row_elements * sizeof(E));
   for (int64_t h = 0; h < span; ++h)
     for (int64_t r = 0; r < group; ++r) {
       const int64_t row = h * group + r;
       const bool first_pass = row == 0;  // the one that fetches the pages: prefetch ahead of it
+      start_row(row);
       for (int64_t t0 = 0; t0 < n; t0 += 16) {
         const int64_t count = std::min<int64_t>(16, n - t0);
         next_item.step(kNextItemLinesPerChunk);
@@ -397,7 +405,7 @@ inline void item_scores(const E* const* k_rows, int64_t n, int64_t span, int64_t
           dots[u] = _mm512_setzero_ps();
           if (u < count) {
             if (first_pass && t0 + u + kPrefetch < n) prefetch_bytes(k_rows[t0 + u + kPrefetch], row_elements * sizeof(E));
-            dots[u] = dot(row, k_rows[t0 + u] + h * head_dim);
+            dots[u] = dot(k_rows[t0 + u] + h * head_dim);
           }
         }
         _mm512_mask_storeu_ps(scores + row * n + t0, tail_mask(count), finish(row, t0, sum_each_of_16(dots)));
@@ -409,7 +417,7 @@ inline void item_scores(const E* const* k_rows, int64_t n, int64_t span, int64_t
 // sum_t scores[row][t] * value(t), value(vp, vv) loading position t's row (at vp) as C16
 // float vectors.
 template <int C16, typename E, typename T, typename Load>
-inline void item_values(const E* const* v_rows, int64_t n, int64_t span, int64_t group, const float* scores,
+__attribute__((always_inline)) inline void item_values(const E* const* v_rows, int64_t n, int64_t span, int64_t group, const float* scores,
                         const float* inv_sum, T* out, Load&& load) {
   constexpr int64_t D = C16 * 16;
   constexpr int R = C16 >= 16 ? 1 : 16 / C16;  // rows per P.V pass: 16 accumulators
@@ -449,13 +457,11 @@ void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* cons
   constexpr int64_t D = VECS * 32;
   const __m512 scale_v = _mm512_set1_ps(scale);
   __m512i qv[VECS];
-  int64_t loaded = -1;
   item_scores(k_rows, n, span, group, D, scores, next_item,
-              [&](int64_t row, const bf16* kp) {
-                if (row != loaded) {
-                  for (int c = 0; c < VECS; ++c) qv[c] = _mm512_loadu_si512(q + row * D + c * 32);
-                  loaded = row;
-                }
+              [&](int64_t row) {
+                for (int c = 0; c < VECS; ++c) qv[c] = _mm512_loadu_si512(q + row * D + c * 32);
+              },
+              [&](const bf16* kp) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int c = 0; c < VECS; ++c)
                   acc = _mm512_dpbf16_ps(acc, (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512(kp + c * 32));
@@ -489,14 +495,12 @@ void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span,
   }
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i qv[V64];
-  int64_t loaded = -1;
   float k_scales[16];
   item_scores(rows.k_as<int8_t>(), n, span, group, D, scores, next_item,
-              [&](int64_t row, const int8_t* kp) {
-                if (row != loaded) {
-                  for (int c = 0; c < V64; ++c) qv[c] = _mm512_loadu_si512(q_int8 + row * D + c * 64);
-                  loaded = row;
-                }
+              [&](int64_t row) {
+                for (int c = 0; c < V64; ++c) qv[c] = _mm512_loadu_si512(q_int8 + row * D + c * 64);
+              },
+              [&](const int8_t* kp) {
                 __m512i acc = _mm512_setzero_si512();
                 for (int c = 0; c < V64; ++c)
                   acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(_mm512_loadu_si512(kp + c * 64), offset), qv[c]);
