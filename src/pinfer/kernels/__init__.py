@@ -1,5 +1,6 @@
 """pinfer's own CPU kernels (cpu_ops.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
-residual add, in-place RoPE, SwiGLU, the KV store, paged decode and (bf16) prefill attention,
+residual add, in-place RoPE, SwiGLU, the KV store, paged decode (bf16, float32 and int8 pools)
+and (bf16) prefill attention,
 the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
 vdpbf16ps (bf16), and a decode step's whole decoder stack in one call (model/fused_decode.py).
 

@@ -25,6 +25,9 @@ through the kernel's flash-style prefill, so short prompts are no longer padded 
 call either. examples/kernel_microbench.py times both against the SDPA path below, which is
 the fallback and the reference.
 
+int8 pools (Int8KV): decode runs the kernel's int8 path (the rows read in place, the query
+quantized per row), else the gather dequantizes; prefill always reads dequantized pages.
+
 Why SDPA: on CPU it is torch's flash-attention kernel, which accumulates and
 does the softmax in float32 for bf16 too, and it is the fastest option measured
 (2 Xeon cores, torch 2.13; decode of B=64, contexts 100-300, H=9, Hkv=3, D=64,
