@@ -53,14 +53,6 @@ def decode(num_seqs: int, lo: int, hi: int) -> str:
     return f"decode attention, {num_seqs} seqs, contexts {lo}-{hi}: SDPA + gather {ref:.3f}, kernel {own:.3f}"
 
 
-def int8_pool(pool: torch.Tensor) -> Int8KV:
-    """pool's values in an int8 pool (kv_cache_dtype="int8")."""
-    quantized = Int8KV(torch.empty(pool.shape, dtype=torch.int8), torch.empty(*pool.shape[:-1], 1), pool.dtype)
-    rows = pool.view(-1, *pool.shape[2:])
-    quantized.store(torch.arange(rows.shape[0]), rows)
-    return quantized
-
-
 def decode_from_memory(num_seqs: int, lo: int, hi: int, layers: int = 30) -> str:
     """As in a decode step: each layer's pool comes from memory (the layers' pools and weights
     went through the caches since), and a sequence's blocks are scattered, allocated in turns
@@ -78,7 +70,7 @@ def decode_from_memory(num_seqs: int, lo: int, hi: int, layers: int = 30) -> str
             torch.ops.pinfer.paged_decode_attention(q, k, v, tables, lens, D**-0.5, 0)
 
     bf16 = best_ms(all_layers, 10) / layers
-    pools = [(int8_pool(k), int8_pool(v)) for k, v in pools]
+    pools = [(Int8KV.from_values(k), Int8KV.from_values(v)) for k, v in pools]  # kv_cache_dtype="int8"
 
     def all_layers_int8():
         for k, v in pools:

@@ -34,13 +34,7 @@ def quantize_dequantize(x: torch.Tensor) -> torch.Tensor:
 
 def int8_pools(batch: Batch) -> tuple[Int8KV, Int8KV]:
     """batch's pools (context and garbage alike) copied into int8 pools, slot by slot."""
-    num_blocks, block_size = batch.k_cache.shape[:2]
-    pools = tuple(Int8KV(torch.zeros(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=torch.int8),
-                         torch.zeros(num_blocks, block_size, NUM_KV_HEADS, 1), batch.k_cache.dtype) for _ in range(2))
-    slots = torch.arange(num_blocks * block_size)
-    rows = (NUM_KV_HEADS, HEAD_DIM)
-    store_kv(batch.k_cache.view(-1, *rows), batch.v_cache.view(-1, *rows), *pools, slots)
-    return pools
+    return Int8KV.from_values(batch.k_cache), Int8KV.from_values(batch.v_cache)
 
 
 def stored_values(batch: Batch, rounded_to: torch.dtype = torch.float64) -> Batch:
@@ -122,12 +116,15 @@ def test_kernel_decode_matches_its_arithmetic_in_float64(num_seqs, dtype, window
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
-def test_int8_pools_through_a_strided_query_and_the_reference_backend() -> None:
-    """Decode with the kernel, prefill without, on queries sliced from a fused projection, against
-    the reference backend on the same pools: the paths agree to the query's rounding."""
-    batch = make_batch(BATCHES["mixed"], block_size=5, dtype=torch.float32, seed=9)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_pools_through_the_kernels_and_a_strided_query(dtype: torch.dtype) -> None:
+    """A mixed batch with the kernels on (decode rows: the int8 decode kernel; bf16 prefill rows:
+    the prefill kernel on the step's pages dequantized), on queries sliced from a fused
+    projection, against the reference backend on the same pools: they agree to the decode
+    kernel's rounding of the queries."""
+    batch = make_batch(BATCHES["mixed"], block_size=5, dtype=dtype, seed=9)
     k_pool, v_pool = int8_pools(batch)
-    fused = torch.cat([batch.query, torch.randn(batch.query.shape[0], 2 * NUM_KV_HEADS, HEAD_DIM)], dim=1)
+    fused = torch.cat([batch.query, torch.randn(batch.query.shape[0], 2 * NUM_KV_HEADS, HEAD_DIM).to(dtype)], dim=1)
     query = fused[:, :NUM_HEADS]
     with kernels.active():
         out = PagedAttention().forward(query, k_pool, v_pool, batch.meta, SCALE)

@@ -104,9 +104,12 @@ def test_every_backend_and_layout_computes_the_same_attention():
         step = make_step(phase, length, 3, shape, torch.float32, max_model_len=64, contiguous=True, seed=1)
         expected = step_call("reference", step)()
         # paged_kernels needs pinfer's CPU kernels (AVX-512); tests/model/test_cpu_kernels.py fails where they should build
-        for backend in (b for b in BACKENDS if b != "paged_kernels" or kernels.load()):
+        for backend in (b for b in BACKENDS if b not in ("paged_kernels", "paged_int8") or kernels.load()):
             where = f"{backend} {phase}"
-            torch.testing.assert_close(step_call(backend, step)(), expected, atol=1e-5, rtol=1e-5,
+            # paged_int8 attends over 8-bit values: agreement to their rounding (its exact arithmetic is
+            # tests/model/test_int8_kv_cache.py's)
+            tolerance = dict(atol=0.08, rtol=0.05) if backend == "paged_int8" else dict(atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step_call(backend, step)(), expected, **tolerance,
                                        msg=lambda m, where=where: f"{where}: {m}")
 
 

@@ -19,7 +19,9 @@ as HF and gpt-fast use it attends over all max_model_len slots with a mask; read
 first L is this layout's best case.) So paged minus contiguous is the cost of the page gather.
 "paged_kernels" is "paged" as the engine runs it on a CPU with pinfer's kernels: the K/V store
 and the decode attention are kernels that read the pages in place (no gather); prefill is the
-same SDPA call. Scratch memory inside a kernel is not a tensor, so LiveBytes counts only its output.
+same SDPA call. "paged_int8" is paged_kernels on int8 pools (kv_cache_dtype="int8"): the store
+quantizes, decode reads the int8 rows in place, prefill reads dequantized pages; its KV table row
+counts 64 + 4 bytes a head row. Scratch memory inside a kernel is not a tensor, so LiveBytes counts only its output.
 
 Latency: the median over --repeats samples, each the mean of enough back-to-back calls to
 last >= 20 ms, after one warm-up call. The process CPU time per call is recorded too: on a
@@ -77,11 +79,13 @@ from pinfer import kernels
 from pinfer.config import parse_dtype, parse_memory_size
 from pinfer.errors import PinferError
 from pinfer.model.attention import ATTENTION_BACKENDS, AttentionMetadata, get_attention_backend, store_kv
+from pinfer.model.attention.base import Int8KV
 from pinfer.tools.alloc_counter import FRESH_OPS, storage_ptr
 
 CONTIGUOUS = "contiguous"  # the non-paged KV layout, measured like a backend
 PAGED_KERNELS = "paged_kernels"  # "paged" with pinfer's CPU kernels on (src/pinfer/kernels), as the engine runs it
-BACKENDS = (*ATTENTION_BACKENDS, PAGED_KERNELS, CONTIGUOUS)
+PAGED_INT8 = "paged_int8"  # paged_kernels on int8 pools (kv_cache_dtype="int8")
+BACKENDS = (*ATTENTION_BACKENDS, PAGED_KERNELS, PAGED_INT8, CONTIGUOUS)
 PHASES = ("prefill", "decode")
 MIN_SAMPLE_SECONDS = 0.02
 MAX_CALLS_PER_SAMPLE = 100
@@ -124,10 +128,10 @@ def parse_shape(text: str) -> Shape:
 def add_scaling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="128,256,512,1024,2048,4096",
                         help="prompt lengths (prefill) and context lengths (decode) (default: 128,...,4096)")
-    parser.add_argument("--backends", default="reference,blocked,paged,paged_kernels,contiguous",
+    parser.add_argument("--backends", default="reference,blocked,paged,paged_kernels,paged_int8,contiguous",
                         help=f"from {', '.join(BACKENDS)}; contiguous: SDPA over a per-sequence contiguous "
-                             "cache; paged_kernels: paged with pinfer's CPU kernels "
-                             "(default: reference,blocked,paged,paged_kernels,contiguous)")
+                             "cache; paged_kernels: paged with pinfer's CPU kernels; paged_int8: those on int8 pools "
+                             "(default: reference,blocked,paged,paged_kernels,paged_int8,contiguous)")
     parser.add_argument("--phases", default="prefill,decode", help="prefill, decode or both (default: both)")
     parser.add_argument("--batch", type=int, default=16, help="decode batch: sequences per step (default: 16)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
@@ -313,15 +317,18 @@ def step_call(backend: str, step: Step) -> Callable[[], torch.Tensor]:
     scale = 1.0 / math.sqrt(step.query.shape[-1])
     if backend == CONTIGUOUS:
         return lambda: contiguous_attention(step, scale)
-    use_kernels = backend == PAGED_KERNELS
+    use_kernels = backend in (PAGED_KERNELS, PAGED_INT8)
     if use_kernels and not kernels.load():
-        raise PinferError(f"{PAGED_KERNELS}: pinfer's CPU kernels are not available here ({kernels.status()})")
+        raise PinferError(f"{backend}: pinfer's CPU kernels are not available here ({kernels.status()})")
     attention = get_attention_backend("paged" if use_kernels else backend)
+    k_cache, v_cache = step.k_cache, step.v_cache
+    if backend == PAGED_INT8:
+        k_cache, v_cache = Int8KV.from_values(k_cache), Int8KV.from_values(v_cache)
 
     def call() -> torch.Tensor:
         with kernels.active(use_kernels):
-            store_kv(step.key, step.value, step.k_cache, step.v_cache, step.meta.slot_mapping)
-            return attention.forward(step.query, step.k_cache, step.v_cache, step.meta, scale)
+            store_kv(step.key, step.value, k_cache, v_cache, step.meta.slot_mapping)
+            return attention.forward(step.query, k_cache, v_cache, step.meta, scale)
 
     return call
 
@@ -438,16 +445,17 @@ def kv_reserved(settings: Settings) -> dict[str, Any]:
     lengths = [rng.randint(min(settings.lengths), max(settings.lengths)) for _ in range(settings.mixed_seqs)]
     per_token = 2 * shape.num_kv_heads * shape.head_dim * torch.empty(0, dtype=settings.dtype).element_size()
     bs = shape.block_size
-    slots = {
-        CONTIGUOUS: len(lengths) * settings.max_model_len,
-        "exact": sum(lengths),
-        "paged": sum(-(-n // bs) * bs for n in lengths),
-    }
+    paged = sum(-(-n // bs) * bs for n in lengths)
+    slots = {CONTIGUOUS: len(lengths) * settings.max_model_len, "exact": sum(lengths), "paged": paged}
+    layouts = {name: {"slots": n, "bytes_per_layer": n * per_token, "bytes_model": n * per_token * shape.num_layers}
+               for name, n in slots.items()}
+    int8_per_token = 2 * shape.num_kv_heads * (shape.head_dim + 4)  # int8 values and a float32 scale per head row
+    layouts[PAGED_INT8] = {"slots": paged, "bytes_per_layer": paged * int8_per_token,
+                           "bytes_model": paged * int8_per_token * shape.num_layers}
     return {
         "num_seqs": len(lengths), "lengths": lengths, "max_model_len": settings.max_model_len,
         "block_size": bs, "bytes_per_token_per_layer": per_token, "num_layers": shape.num_layers,
-        "layouts": {name: {"slots": n, "bytes_per_layer": n * per_token,
-                           "bytes_model": n * per_token * shape.num_layers} for name, n in slots.items()},
+        "layouts": layouts,
     }
 
 
@@ -562,7 +570,7 @@ def format_report(points: list[Point], kv: dict[str, Any], settings: Settings) -
 
 
 COLORS = {"reference": "tab:red", "blocked": "tab:orange", "paged": "tab:blue", "batch_invariant": "tab:purple",
-          PAGED_KERNELS: "tab:cyan", CONTIGUOUS: "tab:green"}
+          PAGED_KERNELS: "tab:cyan", PAGED_INT8: "tab:olive", CONTIGUOUS: "tab:green"}
 
 
 def plot(points: list[Point], kv: dict[str, Any], path: str | Path, title: str) -> None:

@@ -40,6 +40,15 @@ class Int8KV:
     scale: torch.Tensor  # float32 [num_blocks, block_size, num_kv_heads, 1]
     values_dtype: torch.dtype  # what dequantized pages are handed out as: the model's dtype
 
+    @classmethod
+    def from_values(cls, pool: torch.Tensor) -> Int8KV:
+        """A new int8 pool holding pool's values [num_blocks, block_size, Hkv, D], every slot stored."""
+        quantized = cls(torch.empty(pool.shape, dtype=torch.int8, device=pool.device),
+                        torch.empty(*pool.shape[:-1], 1, device=pool.device), pool.dtype)
+        rows = pool.reshape(-1, *pool.shape[2:])
+        quantized.store(torch.arange(rows.shape[0], device=pool.device), rows)
+        return quantized
+
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
@@ -68,6 +77,11 @@ class Int8KV:
 
 
 KVPool = torch.Tensor | Int8KV  # one layer's K (or V): [num_blocks, block_size, Hkv, D] values
+
+
+def values_dtype(cache: KVPool) -> torch.dtype:
+    """The dtype a pool's values are read in: its own, or an int8 pool's values_dtype."""
+    return cache.values_dtype if isinstance(cache, Int8KV) else cache.dtype
 
 
 def gather_blocks(cache: KVPool, block_ids: torch.Tensor) -> torch.Tensor:

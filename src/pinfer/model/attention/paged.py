@@ -26,7 +26,8 @@ call either. examples/kernel_microbench.py times both against the SDPA path belo
 the fallback and the reference.
 
 int8 pools (Int8KV): decode runs the kernel's int8 path (the rows read in place, the query
-quantized per row), else the gather dequantizes; prefill always reads dequantized pages.
+quantized per row), else the gather dequantizes; prefill reads dequantized pages (the prefill
+kernel gets the step's prefill pages dequantized into a pool of their own).
 
 Why SDPA: on CPU it is torch's flash-attention kernel, which accumulates and
 does the softmax in float32 for bf16 too, and it is the fastest option measured
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from pinfer import kernels
-from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, Int8KV, KVPool, gather_blocks
+from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, Int8KV, KVPool, gather_blocks, values_dtype
 
 
 def decode_blocks(max_context_len: int, block_size: int, sliding_window: int | None) -> int:
@@ -206,6 +207,19 @@ def prefill_padded(
     return out.transpose(1, 2)
 
 
+def dequantized_pages(k_cache: Int8KV, v_cache: Int8KV, block_tables: torch.Tensor, seqs: list[int],
+                      context_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pages of sequences seqs as bf16 (or the pool's values dtype) pools of their own, and
+    block tables into those (the other rows of the tables are left as they are)."""
+    block_size = k_cache.shape[1]
+    counts = [-(-context_lens[i] // block_size) for i in seqs]
+    ids = torch.cat([block_tables[i, :n] for i, n in zip(seqs, counts)])
+    tables = block_tables.clone()
+    for i, n, first in zip(seqs, counts, accumulate([0, *counts[:-1]])):
+        tables[i, :n] = torch.arange(first, first + n, device=tables.device)
+    return gather_blocks(k_cache, ids), gather_blocks(v_cache, ids), tables
+
+
 def use_padded_prefill(query_lens: list[int], context_lens: list[int]) -> bool:
     """One padded SDPA call, or one call per sequence?
 
@@ -274,7 +288,7 @@ class PagedAttention(AttentionBackend):
         prefill_context_lens = [context_lens[i] for i in prefill]
         # pinfer's prefill kernel (bf16, full attention) runs one sequence at a time, without padding.
         kernel = (self.prefill_mode == "auto" and window is None and kernels.usable(query)
-                  and query.dtype == k_cache.dtype == torch.bfloat16 and query.shape[-1] in (64, 128, 256)
+                  and query.dtype == values_dtype(k_cache) == torch.bfloat16 and query.shape[-1] in (64, 128, 256)
                   and kernels.has("paged_prefill_attention"))  # an AVX512-BF16 build
         padded = self.prefill_mode == "padded" or (
             self.prefill_mode == "auto" and not kernel and use_padded_prefill(prefill_query_lens, prefill_context_lens)
@@ -301,11 +315,16 @@ class PagedAttention(AttentionBackend):
             out[(starts[:, None] + t)[is_real]] = result[is_real]
         else:
             starts = [0, *accumulate(query_lens)]
+            tables = meta.block_tables
+            if kernel and isinstance(k_cache, Int8KV):
+                # The kernel reads bf16 pages: the prefill sequences' pages dequantized in one gather
+                # per pool, and their tables renumbered into it.
+                k_cache, v_cache, tables = dequantized_pages(k_cache, v_cache, tables, prefill, context_lens)
             for i in prefill:
                 start, end = starts[i], starts[i + 1]
                 if kernel:
                     out[start:end] = torch.ops.pinfer.paged_prefill_attention(
-                        query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale)
+                        query[start:end], k_cache, v_cache, tables[i], context_lens[i], scale)
                 else:
                     out[start:end] = prefill_one(
                         query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
