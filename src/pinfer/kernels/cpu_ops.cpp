@@ -261,6 +261,26 @@ struct DecodeItems {
     const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     return {first, len - first};
   }
+  // fn(begin, end) once per thread, on contiguous ranges of items of about equal work (positions
+  // plus a fixed cost per item) rather than equal counts: contexts differ, and an even split by
+  // count leaves one thread waiting for the other
+  template <typename Fn>
+  void parallel_ranges(Fn&& fn) const {
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+    constexpr int64_t kItemCost = 16;  // positions' worth: the query rows, softmax setup, row lists
+    int64_t total = 0;
+    for (int64_t item = 0; item < count; ++item) total += positions(item).second + kItemCost;
+    std::vector<int64_t> bounds(threads + 1, count);
+    bounds[0] = 0;
+    int64_t done = 0, t = 1;
+    for (int64_t item = 0; item < count && t < threads; ++item) {
+      done += positions(item).second + kItemCost;
+      while (t < threads && done * threads >= total * t) bounds[t++] = item + 1;
+    }
+    at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) fn(bounds[r], bounds[r + 1]);
+    });
+  }
   // where an item's row of position pos starts in a pool (its first kv head), in elements;
   // divided by head_dim, in its scale pool
   int64_t pool_offset(int64_t item, int64_t pos) const {
@@ -337,6 +357,7 @@ struct NextItemPrefetcher {
 template <typename E, typename Fn>
 void pipelined_items(const DecodeItems& items, int64_t begin, int64_t end, const E* k_cache, const E* v_cache,
                      const float* k_scales, const float* v_scales, Fn&& item_fn) {
+  if (begin >= end) return;
   ItemRows rows, next_rows;
   NextItemPrefetcher next_item;
   rows.build(items, begin, k_cache, v_cache, k_scales, v_scales);
@@ -483,10 +504,15 @@ void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* cons
 // k_scale[t] * scale. P.V in float32: p * v_scale[t] * float(v).
 template <int V64, typename T>  // V64 = D / 64: 64-byte key rows
 void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span, int64_t group, float scale,
-                      float* scores, float* inv_sum, int8_t* q_int8, float* q_scale, int32_t* q_sum, T* out,
-                      NextItemPrefetcher& next_item) {
+                      float* scores, float* inv_sum, float* kv_scales, int8_t* q_int8, float* q_scale, int32_t* q_sum,
+                      T* out, NextItemPrefetcher& next_item) {
   constexpr int64_t D = V64 * 64;
   const int64_t item_rows = span * group;
+  // the rows' scales, [span][n] for K then for V: contiguous, so a chunk's are one vector load
+  float* k_scales = kv_scales;
+  float* v_scales = kv_scales + span * n;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t h = 0; h < span; ++h) k_scales[h * n + t] = rows.k_scale[t][h], v_scales[h * n + t] = rows.v_scale[t][h];
   for (int64_t row = 0; row < item_rows; ++row) {
     q_scale[row] = quantize_row(q + row * D, D, q_int8 + row * D) * scale;
     int32_t sum = 0;
@@ -495,7 +521,6 @@ void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span,
   }
   const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i qv[V64];
-  float k_scales[16];
   item_scores(rows.k_as<int8_t>(), n, span, group, D, scores, next_item,
               [&](int64_t row) {
                 for (int c = 0; c < V64; ++c) qv[c] = _mm512_loadu_si512(q_int8 + row * D + c * 64);
@@ -507,15 +532,18 @@ void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span,
                 return _mm512_cvtepi32_ps(acc);  // lane sums < 2^24: exact, and so is the tree's float sum
               },
               [&](int64_t row, int64_t t0, __m512 sums) {
-                const int64_t h = row / group, count = std::min<int64_t>(16, n - t0);
-                for (int64_t u = 0; u < count; ++u) k_scales[u] = rows.k_scale[t0 + u][h];
                 const __m512 dots = _mm512_sub_ps(sums, _mm512_set1_ps(static_cast<float>(q_sum[row])));
                 return _mm512_mul_ps(_mm512_mul_ps(dots, _mm512_set1_ps(q_scale[row])),
-                                     _mm512_maskz_loadu_ps(tail_mask(count), k_scales));
+                                     _mm512_maskz_loadu_ps(tail_mask(n - t0), k_scales + (row / group) * n + t0));
               });
   softmax_rows(scores, inv_sum, item_rows, n);
   for (int64_t row = 0; row < item_rows; ++row)  // v's scales folded into the probabilities
-    for (int64_t t = 0; t < n; ++t) scores[row * n + t] *= rows.v_scale[t][row / group];
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 m = tail_mask(n - t);
+      float* p = scores + row * n + t;
+      _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p),
+                                                _mm512_maskz_loadu_ps(m, v_scales + (row / group) * n + t)));
+    }
   item_values<V64 * 4>(rows.v_as<int8_t>(), n, span, group, scores, inv_sum, out, [](const int8_t* vp, __m512* vv) {
     for (int c = 0; c < V64 * 4; ++c)
       vv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp + c * 16))));
@@ -531,7 +559,7 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
   const DecodeItems items(block_tables, context_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                           max_blocks, window);
   const int64_t group = items.group, span = items.span, rows = items.rows, chunks = head_dim / 16;
-  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
+  items.parallel_ranges([&](int64_t begin, int64_t end) {
     std::vector<float> qf(rows * head_dim), acc(rows * head_dim), scores, inv_sum(rows);
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, bf16>) {
@@ -653,8 +681,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor
     const scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t rows = items.rows;
-    at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores, inv_sum(rows), q_scale(rows);
+    items.parallel_ranges([&](int64_t begin, int64_t end) {
+      std::vector<float> scores, kv_scales, inv_sum(rows), q_scale(rows);
       std::vector<int8_t> q_int8(rows * head_dim);
       std::vector<int32_t> q_sum(rows);
       pipelined_items<int8_t>(items, begin, end, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
@@ -662,8 +690,10 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor
                               [&](int64_t item, const ItemRows& item_rows, NextItemPrefetcher& next_item) {
         const int64_t b = items.seq(item), h0 = items.first_head(item), n = static_cast<int64_t>(item_rows.k.size());
         scores.resize(rows * n);
+        kv_scales.resize(2 * items.span * n);
         item_fn(qp + b * q.stride(0) + h0 * items.group * head_dim, item_rows, n, items.span, items.group,
-                static_cast<float>(scale), scores.data(), inv_sum.data(), q_int8.data(), q_scale.data(), q_sum.data(),
+                static_cast<float>(scale), scores.data(), inv_sum.data(), kv_scales.data(), q_int8.data(),
+                q_scale.data(), q_sum.data(),
                 op + (b * q.size(1) + h0 * items.group) * head_dim, next_item);
       });
     });
