@@ -78,6 +78,20 @@ def test_tp2_matches_tp1(name, tmp_path, tokenizer_dir):
     assert all(p.exitcode == 0 for p in workers), [p.exitcode for p in workers]
 
 
+def test_tp2_with_an_int8_kv_cache_matches_tp1(tmp_path, tokenizer_dir):
+    # Each rank's pool holds its KV heads, and rows are quantized one (token, kv head) at a time,
+    # so the shards store exactly what one process stores.
+    path = build_checkpoint("llama-tied", tmp_path, tokenizer_dir)
+    expected = _run(LLM(path, kv_cache_dtype="int8", **ENGINE))
+    llm = LLM(path, tensor_parallel_size=2, kv_cache_dtype="int8", **ENGINE)
+    got = _run(llm)
+    for want, out in zip(expected, got):
+        a, b = want.outputs[0], out.outputs[0]
+        assert b.token_ids == a.token_ids
+        assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 1e-4
+    llm.engine.close()
+
+
 def test_deterministic_mode_stays_batch_invariant(tmp_path, tokenizer_dir):
     # Each shard's linears are batch-invariant and the all-reduce is elementwise, so a request's
     # logprobs are bitwise the same alone or in a batch with other (chunked) prompts.

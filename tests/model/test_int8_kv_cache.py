@@ -200,3 +200,27 @@ def test_smollm2_int8_kv_cache_generates_and_survives_sleep(smollm2_gguf) -> Non
     llm.engine.block_manager.reset_prefix_cache()
     again = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     assert again.token_ids == first.token_ids
+
+
+def test_deterministic_mode_with_an_int8_kv_cache_stays_batch_invariant(tmp_path, tokenizer_dir) -> None:
+    """Rows are quantized one (token, kv head) at a time and the batch-invariant backend reads the
+    dequantized pages, so a request's tokens and logprobs are bitwise the same alone, batched
+    with other prompts (chunked: a budget of 16 tokens a step) and in a small pool."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tiny_models import save_checkpoint
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=512, max_position_embeddings=256,
+                         initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # head_dim 64
+    save_checkpoint(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tmp_path, tokenizer_dir)
+    llm = LLM(str(tmp_path), dtype="bfloat16", deterministic=True, kv_cache_dtype="int8", block_size=4,
+              kv_cache_memory="2MiB", max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, logprobs=0, ignore_eos=True)
+    prompt = [1, 5, 7, 9, 11, 13]
+    gen = torch.Generator().manual_seed(1)
+    others = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (9, 30, 41)]
+    alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    batched = llm.generate([*others, prompt], params, use_tqdm=False)[-1].outputs[0]
+    assert batched.token_ids == alone.token_ids and batched.token_logprobs == alone.token_logprobs
