@@ -626,10 +626,16 @@ void decode_attention_impl(const T* q, const T* k_cache, const T* v_cache, const
   });
 }
 
-// query rows may be strided (a view of the fused qkv output); the heads of a row must be packed
-inline at::Tensor packed_query(const at::Tensor& query) {
-  return query.stride(2) == 1 && query.stride(1) == query.size(2) ? query : query.contiguous();
-}
+// A decode attention's inputs as the kernels read them: query rows may be strided (a view of
+// the fused qkv output) but the heads of a row packed; block tables and lengths contiguous int64.
+struct DecodeInputs {
+  at::Tensor query, block_tables, context_lens;
+  DecodeInputs(const at::Tensor& q, const at::Tensor& tables, const at::Tensor& lens)
+      : query(q.stride(2) == 1 && q.stride(1) == q.size(2) ? q : q.contiguous()),
+        block_tables(tables.contiguous()), context_lens(lens.contiguous()) {
+    TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong);
+  }
+};
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -637,10 +643,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   // query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && query.scalar_type() == k_cache.scalar_type());
   TORCH_CHECK(query.size(2) % 16 == 0, "head_dim must be a multiple of 16");
-  auto q = packed_query(query);
-  auto tables = block_tables.contiguous();
-  auto lens = context_lens.contiguous();
-  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  const DecodeInputs in(query, block_tables, context_lens);
+  const at::Tensor &q = in.query, &tables = in.block_tables, &lens = in.context_lens;
   auto out = at::empty(q.sizes(), q.options());
   PINFER_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
     decode_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
@@ -667,10 +671,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor
   check_int8_pool(v_cache, v_scales, "paged_decode_attention_int8");
   const int64_t head_dim = query.size(2);
   TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256, "paged_decode_attention_int8: head_dim 64, 128 or 256");
-  auto q = packed_query(query);
-  auto tables = block_tables.contiguous();
-  auto lens = context_lens.contiguous();
-  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong);
+  const DecodeInputs in(query, block_tables, context_lens);
+  const at::Tensor &q = in.query, &tables = in.block_tables, &lens = in.context_lens;
   auto out = at::empty(q.sizes(), q.options());
   const DecodeItems items(tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), q.size(0), q.size(1), k_cache.size(2),
                           head_dim, k_cache.size(1), tables.size(1), sliding_window);
@@ -902,24 +904,33 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // ---- writing the new tokens' K and V into their pool slots ---------------------------------
 
+// slot_mapping as a contiguous int64 tensor, every slot checked to lie in a pool of cache's blocks
+at::Tensor checked_slots(const at::Tensor& slot_mapping, const at::Tensor& cache, const char* name) {
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, name, ": int64 slot_mapping");
+  auto slots = slot_mapping.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_slots = cache.size(0) * cache.size(1);
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, name, ": slot ", slot[t], " outside the pool");
+  return slots;
+}
+
 void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
   // key/value [T, Hkv, D], rows may be strided (views of the qkv output); caches [blocks, block_size, Hkv, D]
   TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == at::kLong);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
   const int64_t row = key.size(1) * key.size(2);
   TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
               value.stride(1) == value.size(2) && k_cache.size(2) * k_cache.size(3) == row);
-  auto slots = slot_mapping.contiguous();
+  auto slots = checked_slots(slot_mapping, k_cache, "store_kv");
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1), bytes = row * key.element_size();
+  const int64_t bytes = row * key.element_size();
   auto* k_src = static_cast<const char*>(key.data_ptr());
   auto* v_src = static_cast<const char*>(value.data_ptr());
   auto* k_dst = static_cast<char*>(k_cache.data_ptr());
   auto* v_dst = static_cast<char*>(v_cache.data_ptr());
   const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
-  for (int64_t t = 0; t < key.size(0); ++t)
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "store_kv: slot ", slot[t], " outside the pool");
   at::parallel_for(0, key.size(0), 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       std::memcpy(k_dst + slot[t] * bytes, k_src + t * k_stride, bytes);
@@ -938,12 +949,9 @@ void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k
   const int64_t heads = key.size(1), head_dim = key.size(2);
   TORCH_CHECK(key.scalar_type() == value.scalar_type() && key.stride(2) == 1 && key.stride(1) == head_dim &&
               value.stride(2) == 1 && value.stride(1) == head_dim && k_cache.size(2) == heads &&
-              k_cache.size(3) == head_dim && slot_mapping.scalar_type() == at::kLong);
-  auto slots = slot_mapping.contiguous();
+              k_cache.size(3) == head_dim);
+  auto slots = checked_slots(slot_mapping, k_cache, "store_kv_int8");
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  for (int64_t t = 0; t < key.size(0); ++t)
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "store_kv_int8: slot ", slot[t], " outside the pool");
   PINFER_DISPATCH(key.scalar_type(), "store_kv_int8", [&] {
     at::parallel_for(0, key.size(0), 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)

@@ -207,17 +207,17 @@ def prefill_padded(
     return out.transpose(1, 2)
 
 
-def dequantized_pages(k_cache: Int8KV, v_cache: Int8KV, block_tables: torch.Tensor, seqs: list[int],
-                      context_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pages of sequences seqs as bf16 (or the pool's values dtype) pools of their own, and
-    block tables into those (the other rows of the tables are left as they are)."""
-    block_size = k_cache.shape[1]
+def own_pages(block_tables: torch.Tensor, seqs: list[int], context_lens: list[int],
+              block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, tables): the pool pages of sequences seqs, in order, and block tables renumbered
+    into that list (the other rows of the tables left as they are). The same for every layer
+    of a step, so PagedAttention makes it once per step."""
     counts = [-(-context_lens[i] // block_size) for i in seqs]
     ids = torch.cat([block_tables[i, :n] for i, n in zip(seqs, counts)])
     tables = block_tables.clone()
     for i, n, first in zip(seqs, counts, accumulate([0, *counts[:-1]])):
         tables[i, :n] = torch.arange(first, first + n, device=tables.device)
-    return gather_blocks(k_cache, ids), gather_blocks(v_cache, ids), tables
+    return ids, tables
 
 
 def use_padded_prefill(query_lens: list[int], context_lens: list[int]) -> bool:
@@ -319,7 +319,11 @@ class PagedAttention(AttentionBackend):
             if kernel and isinstance(k_cache, Int8KV):
                 # The kernel reads bf16 pages: the prefill sequences' pages dequantized in one gather
                 # per pool, and their tables renumbered into it.
-                k_cache, v_cache, tables = dequantized_pages(k_cache, v_cache, tables, prefill, context_lens)
+                key = ("int8_prefill_pages", tuple(prefill))
+                if key not in meta.step_cache:
+                    meta.step_cache[key] = own_pages(tables, prefill, context_lens, k_cache.shape[1])
+                ids, tables = meta.step_cache[key]
+                k_cache, v_cache = gather_blocks(k_cache, ids), gather_blocks(v_cache, ids)
             for i in prefill:
                 start, end = starts[i], starts[i + 1]
                 if kernel:
