@@ -50,7 +50,11 @@ def decode(num_seqs: int, lo: int, hi: int) -> str:
     scale = D**-0.5
     ref = best_ms(lambda: paged_decode(q, k, v, tables, lens, int(lens.max()), scale))
     own = best_ms(lambda: torch.ops.pinfer.paged_decode_attention(q, k, v, tables, lens, scale, 0))
-    return f"decode attention, {num_seqs} seqs, contexts {lo}-{hi}: SDPA + gather {ref:.3f}, kernel {own:.3f}"
+    k8, v8 = Int8KV.from_values(k), Int8KV.from_values(v)
+    int8 = best_ms(lambda: torch.ops.pinfer.paged_decode_attention_int8(q, k8.data, v8.data, k8.scale, v8.scale,
+                                                                        tables, lens, scale, 0))
+    return (f"decode attention, {num_seqs} seqs, contexts {lo}-{hi}: SDPA + gather {ref:.3f}, kernel {own:.3f}, "
+            f"int8 pools {int8:.3f}")
 
 
 def decode_from_memory(num_seqs: int, lo: int, hi: int, layers: int = 30) -> str:
