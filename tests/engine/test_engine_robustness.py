@@ -76,6 +76,21 @@ def test_streamed_text_never_shows_part_of_a_stop_string(smollm2_llm):
     assert all(final.startswith(t) for t in texts)  # every streamed state is a prefix of the final text
 
 
+def test_a_final_only_request_is_returned_once_when_it_finishes(smollm2_llm):
+    engine = smollm2_llm.engine
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    final_only = engine.add_request("The sky is", params, final_only=True)
+    streamed = engine.add_request("The sky is", params)
+    returned = {final_only: [], streamed: []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            returned[out.request_id].append(out)
+    assert [o.finished for o in returned[final_only]] == [True]
+    assert [o.finished for o in returned[streamed]] == [False] * 4 + [True]
+    assert returned[final_only][0].outputs[0].token_ids == returned[streamed][-1].outputs[0].token_ids
+    assert len(returned[final_only][0].outputs[0].token_ids) == 5
+
+
 def test_abort_returns_partial_output_and_frees_blocks(smollm2_llm):
     engine = smollm2_llm.engine
     # ignore_eos: a sample that happened to end within the 5 steps would not be aborted

@@ -124,7 +124,8 @@ class EngineReplica:
         """Run a share of an offline generate() to completion; outputs in the order given."""
         from pinfer.entrypoints.llm import run_to_completion
 
-        ids = [self.engine.add_request(prompt, params, request_id=rid) for rid, prompt, params in requests]
+        ids = [self.engine.add_request(prompt, params, request_id=rid, final_only=True)
+               for rid, prompt, params in requests]
         return run_to_completion(self.engine, ids, use_tqdm=False), self.state()
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str,

@@ -53,6 +53,7 @@ class Request:
     metrics: RequestMetrics
     detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
     error: str | None = None
+    final_only: bool = False  # step() returns its output once, when it finishes
 
     @property
     def finished(self) -> bool:
@@ -241,7 +242,11 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> str:
+        """Queue a request; its id. final_only: step() returns its output only when it finishes
+        (vLLM's RequestOutputKind.FINAL_ONLY, what LLM.generate wants), not at every step: an
+        output copies the growing token and logprob lists, ~64 of them a batch-64 step."""
         params = params or SamplingParams()
         params.validate()
         if self.sleeping:
@@ -267,7 +272,8 @@ class LLMEngine:
             ))
         request = Request(request_id, text, prompt_ids, params, seqs,
                           RequestMetrics(arrival_time if arrival_time is not None else time.time()),
-                          [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs])
+                          [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs],
+                          final_only=final_only)
         self.requests[request_id] = request
         self.num_prompt_tokens += len(prompt_ids)
         for seq in seqs:
@@ -397,7 +403,8 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return outputs of requests that made progress (finished ones last time)."""
+        """Run one batch; return outputs of requests that made progress (final_only ones only when
+        they finish; failed ones always)."""
         if self.paused or self.sleeping:
             return []
         tracer = self.tracer
@@ -464,6 +471,8 @@ class LLMEngine:
                 del self.requests[request.request_id]
                 if self.tracer.enabled:
                     self._trace_tpot(request)
+            elif request.final_only:
+                continue
             outputs.append(self._make_output(request))
         return outputs
 

@@ -53,7 +53,7 @@ class LLM:
             self.engine.check_request(ids, p)
         if isinstance(self.engine, DataParallelEngine):  # a whole share per replica: no per-step round trips
             return self.engine.generate(prompts, params, use_tqdm)
-        request_ids = [self.engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        request_ids = [self.engine.add_request(prompt, p, final_only=True) for prompt, p in zip(prompts, params)]
         return run_to_completion(self.engine, request_ids, use_tqdm)
 
     def chat(

@@ -220,7 +220,7 @@ class Sampler:
         use_kernel = kernels.usable(logits) and logits.is_contiguous()
         if (use_kernel or self._plain_random is not None) and _is_plain_random(batch):
             if use_kernel:
-                # The same computation in three passes per row, noise only for tokens that can win
+                # The same computation in two passes per row, noise only for tokens that can win
                 # (kernels/cpu_ops.cpp), the same tokens.
                 keys = counter_rng.row_keys(batch.seeds, batch.steps)
                 token_ids, chosen, ranks = torch.ops.pinfer.gumbel_sample(logits, batch.temperature, keys,
