@@ -235,6 +235,20 @@ def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_head
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+def test_row_keys_kernel_matches_the_pytorch_hash():
+    """The sampler's per-row keys from the kernel: the bits of sampling/random.py's row_keys,
+    for seeds and steps anywhere in int64 (negative, past 2**32, the extremes)."""
+    from pinfer.sampling.random import row_keys
+
+    gen = torch.Generator().manual_seed(11)
+    edges = torch.tensor([0, 1, -1, 2**31 - 1, 2**31, 2**32, -(2**32) - 7, 2**63 - 1, -(2**63)])
+    seeds = torch.cat([edges, torch.randint(-(2**62), 2**62, (200,), generator=gen)])
+    steps = torch.cat([edges.flip(0), torch.randint(0, 2**40, (200,), generator=gen)])
+    assert torch.equal(torch.ops.pinfer.row_keys(seeds, steps), row_keys(seeds, steps))
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.pinfer.row_keys(seeds.int(), steps.int())
+
+
 @pytest.mark.parametrize("processed", [False, True])
 @pytest.mark.parametrize("shape", ["normal", "one_top"])
 def test_gumbel_sample_kernel_matches_the_pytorch_path(processed, shape):
