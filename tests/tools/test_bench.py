@@ -148,6 +148,21 @@ def test_a_failing_configuration_is_a_failed_row_not_a_crash(tmp_path, no_rapl, 
     assert "failed:" in out and "missing.gguf" in err
 
 
+
+@pytest.mark.parametrize("setting", [["-q", "int8"], ["--kv-cache-dtype", "int8"]])
+def test_a_peer_without_the_setting_is_not_applicable_not_failed(tmp_path, no_rapl, capsys, setting):
+    """`-e pinfer,transformers -q none,int8` is a natural command: transformers' int8 rows say
+    n/a (it has no int8 path), and the bench's exit code stays 0."""
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "-e", "transformers", "-w", "latency,rollout", "--repeats", "1", *setting,
+                 "--json", str(json_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("n/a: the transformers peer runs") == 2 and "failed" not in out
+    (config,) = json.loads(json_path.read_text())["configurations"]
+    assert all(w["not_applicable"] for w in config["result"]["workloads"])
+    assert config["result"]["load_seconds"] is None  # refused before loading anything
+
 def test_transformers_peer_runs_the_workload_as_pinfer_does(smollm2_hf_dir, hf_smollm2):
     """The transformers peer generates exactly max_tokens per prompt (EOS banned), returns a
     logprob per sampled token that is transformers' own log_softmax, and times the batch;

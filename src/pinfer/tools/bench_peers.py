@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from pinfer.tools.bench_runners import RequestTiming, RunResult, _short_model_name
+from pinfer.tools.bench_serve import NotApplicableError
 from pinfer.tools.workloads import Workload
 
 
@@ -35,10 +36,11 @@ class TransformersRunner:
         from pinfer.loading.resolve import resolve_model
 
         engine = spec["engine"]
+        # settings it has no counterpart for: not applicable, like serve (the bench says n/a, not failed)
         if engine.get("kv_cache_dtype", "auto") != "auto":
-            raise ValueError("the transformers peer runs its default KV cache only (kv_cache_dtype must be auto)")
+            raise NotApplicableError("the transformers peer runs its default KV cache only (kv_cache_dtype auto)")
         if engine.get("quantization"):
-            raise ValueError("the transformers peer runs unquantized only (quantization must be none)")
+            raise NotApplicableError("the transformers peer runs unquantized only (quantization none)")
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
         self.model_name = str(engine["model"])

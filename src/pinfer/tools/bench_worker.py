@@ -128,6 +128,11 @@ def bench_served_workload(spec: dict[str, Any], workload: Workload, zones: tuple
     return {**record, "server_exit_code": exit_code}
 
 
+def _not_applicable(workload: Workload, exc: NotApplicableError) -> dict[str, Any]:
+    print(f"  {workload.name}: not applicable: {exc}", file=sys.stderr, flush=True)
+    return {"workload": workload.name, "metric": workload.metric, "error": str(exc), "not_applicable": True}
+
+
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     probe = probe_rapl(spec.get("powercap_root")) if spec.get("energy") else None
     zones = probe.zones if probe and probe.available else ()
@@ -136,7 +141,11 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         workload = make_workload(**w)
         if workload.concurrency is None and runner is None:  # a model that does not load fails the configuration
             start = time.perf_counter()
-            runner = RUNNERS[spec.get("runner", "pinfer")](spec)
+            try:
+                runner = RUNNERS[spec.get("runner", "pinfer")](spec)
+            except NotApplicableError as exc:  # a peer without these settings (transformers and int8)
+                records.append(_not_applicable(workload, exc))
+                continue
             load_seconds = time.perf_counter() - start
             described = runner.describe()
             print(f"  loaded {described['model']} ({described['dtype']}) in {load_seconds:.1f}s",
@@ -147,9 +156,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             else:
                 records.append(bench_served_workload(spec, workload, zones))
         except NotApplicableError as exc:
-            print(f"  {workload.name}: not applicable: {exc}", file=sys.stderr, flush=True)
-            records.append({"workload": workload.name, "metric": workload.metric, "error": str(exc),
-                            "not_applicable": True})
+            records.append(_not_applicable(workload, exc))
         except Exception as exc:  # this workload failed; the next ones may still run
             traceback.print_exc(file=sys.stderr)
             records.append({"workload": workload.name, "metric": workload.metric,

@@ -1,0 +1,185 @@
+"""Where a decode step's time goes: per kernel, per engine phase, and the serial rest.
+
+    .venv/bin/python examples/step_breakdown.py [-q int8] [--kv-cache-dtype int8] [--dtype bfloat16]
+    .venv/bin/python examples/step_breakdown.py --latency        # batch 1, greedy
+
+Builds a copy of kernels/cpu_ops.cpp in which every at::parallel_for is timed (once per
+machine and source, ~30 s, in pinfer's kernel cache): the region's wall time on the calling
+thread, and each of the two threads' time in its chunk. Then runs the bench's rollout
+workload (64 prompts x 128 tokens, temperature 1, logprobs, EOS ignored), or with --latency
+its batch-1 greedy prompt, after a warm-up, and prints, in ms per decode step (the steps
+after every prompt's prefill):
+  - each kernel's parallel regions, with how busy each thread was in them;
+  - the engine's phases (Python, with the ops they call);
+  - the serial rest: the step's wall time minus the regions' (Python, op dispatch and
+    allocation, the code between a fused stack's kernels), while the second thread waits.
+Run it with nothing else on the machine. The timers cost ~1% (two clock reads per chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from pinfer import kernels
+
+_HOOK = r"""
+#include <chrono>
+namespace region_timing {  // examples/step_breakdown.py: every parallel region, timed
+inline double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+constexpr int kLines = 4096;
+double work[kLines][2], wall[kLines];
+int64_t calls[kLines];
+template <class F> void timed(int line, int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const double start = now();
+  at::parallel_for (begin, end, grain, [&](int64_t b, int64_t e) {
+    const double s = now();
+    f(b, e);
+    work[line][at::get_thread_num() & 1] += now() - s;
+  });
+  wall[line] += now() - start;
+  calls[line]++;
+}
+}  // namespace region_timing
+at::Tensor region_times() {  // [lines, 4]: calls, wall s, thread 0 s, thread 1 s; then resets
+  auto t = at::zeros({region_timing::kLines, 4}, at::kDouble);
+  auto a = t.accessor<double, 2>();
+  for (int i = 0; i < region_timing::kLines; ++i) {
+    a[i][0] = region_timing::calls[i], a[i][1] = region_timing::wall[i];
+    a[i][2] = region_timing::work[i][0], a[i][3] = region_timing::work[i][1];
+    region_timing::calls[i] = 0, region_timing::wall[i] = region_timing::work[i][0] = region_timing::work[i][1] = 0;
+  }
+  return t;
+}
+"""
+_FUNCTION = re.compile(r"^\s*(?:inline\s+)?(?:void|at::Tensor|float|int64_t|std::tuple<.*>)\s+(\w+)\s*\(")
+
+
+def instrumented_source(directory: Path) -> tuple[Path, list[str]]:
+    source = kernels.SOURCE.read_text()
+    assert "at::parallel_for (" not in source  # the hook's own call is spelled with a space
+    source = source.replace("namespace {\n", "namespace {\n" + _HOOK, 1)
+    source = source.replace("at::parallel_for(", "region_timing::timed(__LINE__, ")
+    source = source.replace('m.def("available() -> bool", &available);',
+                            'm.def("available() -> bool", &available);\n  m.def("region_times() -> Tensor", &region_times);')
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "cpu_ops_timed.cpp"
+    path.write_text(source)
+    return path, source.splitlines()
+
+
+def enclosing_function(lines: list[str], line: int) -> str:
+    """The kernel function a parallel region's line (1-based) sits in."""
+    for text in reversed(lines[: line - 1]):
+        if match := _FUNCTION.match(text):
+            return match.group(1)
+    return f"line {line}"
+
+
+class PhaseTimes:
+    """Wall time spent in chosen methods, accumulated by name."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = owner.__dict__[name]
+        is_static = isinstance(original, staticmethod)
+        function = original.__func__ if is_static else original
+
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+
+        setattr(owner, name, staticmethod(timed) if is_static else timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--latency", action="store_true", help="batch 1, greedy, instead of the rollout")
+    args = parser.parse_args()
+
+    path, lines = instrumented_source(kernels.cache_dir() / "step_breakdown")
+    kernels.SOURCE = path  # before anything loads the kernels: this build is the one used
+    if not kernels.load():
+        raise SystemExit(f"the kernels did not load: {kernels.status()}")
+
+    from pinfer import LLM, SamplingParams
+    from pinfer.engine.llm_engine import LLMEngine
+    from pinfer.engine.model_runner import ModelRunner
+    from pinfer.engine.scheduler import Scheduler
+    from pinfer.sampling.sampler import Sampler
+    from pinfer.tools.workloads import make_workload
+
+    llm = LLM(dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    engine = llm.engine
+    phases = PhaseTimes()
+    model_class = type(engine.runner.model)
+    for owner, name, label in [
+        (Scheduler, "schedule", "schedule"), (ModelRunner, "_prepare", "prepare inputs"),
+        (ModelRunner, "zero_new_blocks", "zero new KV blocks"), (model_class, "forward", "model forward"),
+        (model_class, "compute_logits", "logits (the head)"), (ModelRunner, "_sampling_batch", "sampling batch"),
+        (Sampler, "__call__", "sampler"), (ModelRunner, "_unpack_samples", "unpack samples"),
+        (LLMEngine, "_process", "postprocess (tokens, text, outputs)"),
+    ]:
+        phases.wrap(owner, name, label)
+
+    workload = make_workload("latency" if args.latency else "rollout")
+    prompts = [llm.apply_chat_template(list(c)) for c in workload.conversations]
+
+    def params(tokens: int) -> list[SamplingParams]:
+        return [SamplingParams(max_tokens=tokens, temperature=workload.temperature, seed=i,
+                               logprobs=0 if workload.logprobs else None, ignore_eos=True)
+                for i in range(len(prompts))]
+
+    llm.generate(prompts, params(16), use_tqdm=False)  # warm-up
+    engine.block_manager.reset_prefix_cache()
+    for prompt, p in zip(prompts, params(workload.max_tokens)):
+        engine.add_request(prompt, p, final_only=True)
+    while any(seq.num_output_tokens == 0 for r in engine.requests.values() for seq in r.seqs):
+        engine.step()  # the prompts' prefill
+    torch.ops.pinfer.region_times()
+    phases.seconds.clear()
+    steps, start = 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    wall = (time.perf_counter() - start) / steps
+    regions = torch.ops.pinfer.region_times()
+
+    per_function: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for line in regions[:, 0].nonzero().flatten().tolist():
+        totals = per_function[enclosing_function(lines, line)]
+        for i, value in enumerate(regions[line].tolist()):
+            totals[i] += value
+    in_regions = sum(t[1] for t in per_function.values()) / steps
+    name = f"{args.dtype}{', ' + args.quantization if args.quantization else ''}, KV cache {args.kv_cache_dtype}"
+    batch = len(prompts)
+    print(f"{workload.name} {batch} x {workload.max_tokens}, {name}: {steps} decode steps, {1000 * wall:.2f} ms a step "
+          f"({batch / wall:.0f} tok/s)")
+    print("\nkernel parallel regions, ms a step (calls a step; each thread's share of the region's time busy):")
+    for function, (calls, seconds, main_thread, worker) in sorted(per_function.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {function:28s} {1000 * seconds / steps:7.2f}  ({calls / steps:5.1f})  "
+              f"threads {100 * main_thread / seconds:3.0f}% / {100 * worker / seconds:3.0f}%")
+    print(f"  {'all regions':28s} {1000 * in_regions:7.2f}")
+    print(f"\nserial (outside the regions; the second thread waits): {1000 * (wall - in_regions):.2f} ms a step")
+    print("\nengine phases, ms a step (with the ops they call):")
+    for label, seconds in phases.seconds.most_common():
+        print(f"  {label:36s} {1000 * seconds / steps:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
