@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pinfer import LLM, SamplingParams
+from pinfer import LLM
 from pinfer.loading.resolve import DEFAULT_MODEL
 from pinfer.tools.workloads import make_workload
 
@@ -27,17 +27,12 @@ def main() -> None:
     workload = make_workload("latency" if args.latency else "rollout")
     prompts = [llm.apply_chat_template(list(c)) for c in workload.conversations]
 
-    def params(tokens: int) -> list[SamplingParams]:
-        return [SamplingParams(max_tokens=tokens, temperature=workload.temperature, seed=i,
-                               logprobs=0 if workload.logprobs else None, ignore_eos=True)
-                for i in range(len(prompts))]
-
-    llm.generate(prompts, params(32), use_tqdm=False)  # warm-up
+    llm.generate(prompts, workload.sampling_params(32), use_tqdm=False)  # warm-up
     rates = []
     for _ in range(2):
         llm.engine.block_manager.reset_prefix_cache()
         start = time.perf_counter()
-        out = llm.generate(prompts, params(128), use_tqdm=False)
+        out = llm.generate(prompts, workload.sampling_params(), use_tqdm=False)
         seconds = time.perf_counter() - start
         if args.latency:  # decode tok/s: the tokens after the first, over the time after it
             metrics = out[0].metrics

@@ -117,7 +117,7 @@ def main() -> None:
     if not kernels.load():
         raise SystemExit(f"the kernels did not load: {kernels.status()}")
 
-    from pinfer import LLM, SamplingParams
+    from pinfer import LLM
     from pinfer.engine.llm_engine import LLMEngine
     from pinfer.engine.model_runner import ModelRunner
     from pinfer.engine.scheduler import Scheduler
@@ -140,14 +140,9 @@ def main() -> None:
     workload = make_workload("latency" if args.latency else "rollout")
     prompts = [llm.apply_chat_template(list(c)) for c in workload.conversations]
 
-    def params(tokens: int) -> list[SamplingParams]:
-        return [SamplingParams(max_tokens=tokens, temperature=workload.temperature, seed=i,
-                               logprobs=0 if workload.logprobs else None, ignore_eos=True)
-                for i in range(len(prompts))]
-
-    llm.generate(prompts, params(16), use_tqdm=False)  # warm-up
+    llm.generate(prompts, workload.sampling_params(16), use_tqdm=False)  # warm-up
     engine.block_manager.reset_prefix_cache()
-    for prompt, p in zip(prompts, params(workload.max_tokens)):
+    for prompt, p in zip(prompts, workload.sampling_params()):
         engine.add_request(prompt, p, final_only=True)
     while any(seq.num_output_tokens == 0 for r in engine.requests.values() for seq in r.seqs):
         engine.step()  # the prompts' prefill

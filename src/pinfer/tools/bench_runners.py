@@ -87,13 +87,8 @@ class PinferRunner:
         }
 
     def run(self, workload: Workload) -> RunResult:
-        from pinfer.sampling_params import SamplingParams
-
         prompts = self._templated(workload)
-        params = [SamplingParams(max_tokens=workload.max_tokens, temperature=workload.temperature,
-                                 ignore_eos=workload.ignore_eos, seed=workload.seed + i,
-                                 logprobs=0 if workload.logprobs else None)
-                  for i in range(len(prompts))]
+        params = workload.sampling_params()
         # Every run prefills from scratch: a warm prefix cache would make later repeats' TTFT look better.
         self.llm.engine.block_manager.reset_prefix_cache()
         start = time.perf_counter()

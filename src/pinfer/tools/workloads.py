@@ -23,6 +23,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from pinfer.sampling_params import SamplingParams
+
 Message = dict[str, str]
 
 LATENCY_PROMPT = (
@@ -54,6 +56,12 @@ class Workload:
 
     def with_max_tokens(self, max_tokens: int) -> "Workload":
         return replace(self, max_tokens=max_tokens)
+
+    def sampling_params(self, max_tokens: int | None = None) -> list[SamplingParams]:
+        """pinfer's SamplingParams for each request (max_tokens: the workload's unless given)."""
+        return [SamplingParams(max_tokens=max_tokens or self.max_tokens, temperature=self.temperature,
+                               ignore_eos=self.ignore_eos, seed=self.seed + i, logprobs=0 if self.logprobs else None)
+                for i in range(self.num_prompts)]
 
 
 WORKLOAD_NAMES = ("latency", "rollout", "serve", "long_prompt")
