@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -712,13 +713,16 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor
 // (relative error ~2e-7), so logprobs agree to float32 rounding. Only the tokens that can still
 // win get noise (gumbel_sample_rows, gumbel_sample_row): ~10% of SmolLM2's vocabulary at T = 1.
 
+// sampling/random.py's lowbias32 multipliers, for the scalar and the vector mixer below
+constexpr uint32_t kLowbiasC1 = 0x7FEB352Du, kLowbiasC2 = 0x846CA68Bu;
+
 // sampling/random.py's row_keys, one row at a time: there it is ~60 aten ops on [B] tensors,
 // ~0.4 ms of a batch-64 step.
 inline uint32_t lowbias32_scalar(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x7FEB352Du;
+  x *= kLowbiasC1;
   x ^= x >> 15;
-  x *= 0x846CA68Bu;
+  x *= kLowbiasC2;
   return x ^ (x >> 16);
 }
 
@@ -742,9 +746,9 @@ at::Tensor row_keys(const at::Tensor& seeds, const at::Tensor& steps) {
 
 inline __m512i lowbias32(__m512i x, bool finish) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(kLowbiasC1)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(0x846CA68Bu)));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(kLowbiasC2)));
   if (finish) x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   return x;
 }
@@ -884,17 +888,21 @@ template <typename T>
 void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const float* temperature, const int32_t* keys,
                         bool processed, int64_t* token_ids, float* chosen_logprobs, int64_t* ranks) {
   // A token scores x - log(-log u) <= x - low, and the largest x scores at least x_max - high, so
-  // a token with x < x_max - (high - low) never wins (strictly below: not even a tie). Only the
-  // rest get noise: at temperature 1 about 40% of SmolLM2's vocabulary, and the noise (a hash
-  // and two logs) is most of the work. The margin covers the rounding of x - log(-log u).
+  // a token with x < x_max - (high - low) never wins (strictly below: not even a tie): the rest
+  // are kept, at temperature 1 about 40% of SmolLM2's vocabulary, and gumbel_sample_row bounds
+  // the winner tighter before it draws the noise (a hash and two logs, most of the work). The
+  // margin covers the rounding of x - log(-log u).
   const auto [low, high] = log_neg_log_bounds();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kept_x(vocab + 16), kept_raw(vocab + 16), noisy_x(vocab + 16);
-    std::vector<int32_t> kept_ids(vocab + 16), noisy_ids(vocab + 16);
+    // scratch, every element written before it is read: not zeroed (5 x 200 KB a call)
+    auto floats = [&] { return std::unique_ptr<float[]>(new float[vocab + 16]); };
+    auto ids = [&] { return std::unique_ptr<int32_t[]>(new int32_t[vocab + 16]); };
+    auto kept_x = floats(), kept_raw = floats(), noisy_x = floats();
+    auto kept_ids = ids(), noisy_ids = ids();
     for (int64_t r = begin; r < end; ++r) {
       auto row_fn = temperature[r] == 1.0f ? gumbel_sample_row<T, true> : gumbel_sample_row<T, false>;
-      row_fn(logits + r * vocab, vocab, temperature[r], keys[r], processed, low, high, kept_x.data(), kept_raw.data(),
-             kept_ids.data(), noisy_x.data(), noisy_ids.data(), token_ids + r, chosen_logprobs + r, ranks + r);
+      row_fn(logits + r * vocab, vocab, temperature[r], keys[r], processed, low, high, kept_x.get(), kept_raw.get(),
+             kept_ids.get(), noisy_x.get(), noisy_ids.get(), token_ids + r, chosen_logprobs + r, ranks + r);
     }
   });
 }

@@ -222,8 +222,7 @@ class Sampler:
             if use_kernel:
                 # The same computation in two passes per row, noise only for tokens that can win
                 # (kernels/cpu_ops.cpp), the same tokens.
-                keys = (torch.ops.pinfer.row_keys(batch.seeds, batch.steps) if kernels.has("row_keys")
-                        else counter_rng.row_keys(batch.seeds, batch.steps))
+                keys = torch.ops.pinfer.row_keys(batch.seeds, batch.steps)  # random.py's row_keys, bit for bit
                 token_ids, chosen, ranks = torch.ops.pinfer.gumbel_sample(logits, batch.temperature, keys,
                                                                           batch.all_processed)
             else:
