@@ -5,11 +5,13 @@
     pinfer bench --dtype float32,bfloat16 --energy --json out.json --plot out.png
     pinfer bench -w rollout --num-prompts 256 --repeats 5
     pinfer bench -w serve --concurrency 16                 # streaming clients against `pinfer serve`
+    pinfer bench -e pinfer,llama.cpp -w serve              # ... and against llama.cpp's llama-server
     pinfer bench -e pinfer,transformers -w long_prompt     # TTFT of a ~1,000-token prompt
 
 Workloads (workloads.py): latency (batch 1, decode tok/s), rollout (64 sampled
 prompts with logprobs, total tok/s), serve (--concurrency streaming clients of the
-openai package against a `pinfer serve` started with the same configuration: total
+openai package against a `pinfer serve` started with the same configuration, or for
+the llama.cpp peer its llama-server with one slot per client (`make llama-server`): total
 tok/s, TTFT / TPOT / ITL percentiles, the server's peak RSS and CPU time), long_prompt
 (TTFT in seconds of one ~1,000-token prompt). EOS is ignored in all of them.
 
@@ -75,8 +77,9 @@ def add_bench_parser(subparsers) -> None:
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", "-w", default="latency,rollout",
                        help=f"comma-separated, from {', '.join(WORKLOAD_NAMES)} (default: latency,rollout); "
-                            "serve runs clients against a `pinfer serve` of each configuration (not applicable "
-                            "to the transformers peer), long_prompt reports TTFT in seconds")
+                            "serve runs clients against a `pinfer serve` of each configuration, or llama.cpp's "
+                            "llama-server (not applicable to the transformers peer), long_prompt reports TTFT "
+                            "in seconds")
     bench.add_argument("--num-prompts", type=int, default=64, help="rollout and serve prompts (default: 64)")
     bench.add_argument("--max-tokens", type=int, default=None,
                        help="new tokens per request (default: 128; long_prompt: 16)")

@@ -310,8 +310,7 @@ class LlamaCppRunner:
         return self._prompt_ids[key]
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+        return chat_ids(self.tokenizer, messages)
 
     def _session_for(self, n_seq: int, seq_tokens: int, prompt_tokens: int) -> _Session:
         """The current context when it fits this workload, else a new one (the old one freed).
@@ -367,6 +366,12 @@ class LlamaCppRunner:
         code = llama_cpp.llama_decode(session.ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode failed with code {code} ({n} tokens, {session.n_seq} sequences)")
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt ids of a conversation: the tokenizer's chat template, with the generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
 
 
 def _clear_kv(ctx) -> None:

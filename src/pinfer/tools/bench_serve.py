@@ -14,7 +14,8 @@ PinferServeRunner starts `pinfer serve` with one bench configuration's engine se
 in a subprocess (port 0, read from uvicorn's start-up line), waits for /health, and stops
 it with SIGTERM (the server's graceful drain), then SIGKILL after a timeout. It measures
 the server process (CPU time, VmHWM peak RSS): the client process's numbers are not the
-engine's. A peer that has a server registers a runner like it in SERVE_RUNNERS.
+engine's. A peer that has a server registers a runner like it in SERVE_RUNNERS: llama.cpp's
+llama-server does (bench_llama_server.py).
 """
 
 from __future__ import annotations
@@ -314,12 +315,23 @@ class PinferServeRunner:
         return self.server.stop()
 
 
-SERVE_RUNNERS: dict[str, Callable[[dict[str, Any], Path], Any]] = {"pinfer": PinferServeRunner}
+def _llama_server_runner(spec: dict[str, Any], log_path: Path, workload: Workload):
+    from pinfer.tools.bench_llama_server import LlamaServerRunner  # imports this module
+
+    return LlamaServerRunner(spec, log_path, workload)
 
 
-def start_serve_runner(spec: dict[str, Any], log_path: Path):
-    """The server runner of spec["runner"], started and ready; NotApplicableError for an engine without one."""
+# engine -> (spec, server log path, the workload it will serve) -> a started runner
+SERVE_RUNNERS: dict[str, Callable[[dict[str, Any], Path, Workload], Any]] = {
+    "pinfer": lambda spec, log_path, workload: PinferServeRunner(spec, log_path),
+    "llama.cpp": _llama_server_runner,
+}
+
+
+def start_serve_runner(spec: dict[str, Any], log_path: Path, workload: Workload):
+    """The server runner of spec["runner"], started and ready for `workload`; NotApplicableError for an
+    engine without one."""
     engine = spec.get("runner", "pinfer")
     if engine not in SERVE_RUNNERS:
         raise NotApplicableError(f"the {engine} peer has no server (serve runs against {', '.join(SERVE_RUNNERS)})")
-    return SERVE_RUNNERS[engine](spec, log_path)
+    return SERVE_RUNNERS[engine](spec, log_path, workload)

@@ -117,7 +117,7 @@ def bench_workload(runner: Runner, workload: Workload, repeats: int, warmup_max_
 def bench_served_workload(spec: dict[str, Any], workload: Workload, zones: tuple = ()) -> dict[str, Any]:
     """Start the engine's server, run the workload's clients against it, stop it."""
     with tempfile.TemporaryDirectory(prefix="pinfer-bench-serve-") as tmp:
-        runner = start_serve_runner(spec, Path(tmp) / "server.log")
+        runner = start_serve_runner(spec, Path(tmp) / "server.log", workload)
         try:
             print(f"  {workload.name}: server ready at {runner.server.base_url} in "
                   f"{runner.server.start_seconds:.1f}s", file=sys.stderr, flush=True)
