@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pinfer.tools.bench_llamacpp import _usable_cpus, chat_ids, gguf_for_precision, resolve_dtype
+from pinfer.tools.bench_llamacpp import _usable_cpus, chat_ids, peer_model
 from pinfer.tools.bench_runners import _short_model_name
 from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, run_serve_clients
 from pinfer.tools.workloads import Workload
@@ -89,17 +89,11 @@ class LlamaServerRunner:
 
     def __init__(self, spec: dict[str, Any], log_path: Path, workload: Workload):
         from pinfer.loading.loader import open_checkpoint
-        from pinfer.loading.resolve import resolve_model
 
-        engine = spec["engine"]
         self.binary = find_llama_server()
-        self.model_name = str(engine["model"])
-        source = resolve_model(self.model_name)
-        dtype = str(engine.get("dtype") or "auto").removeprefix("torch.")
-        self.quantization = engine.get("quantization")
-        self.kv_cache_dtype = engine.get("kv_cache_dtype", "auto")
-        self.weights = gguf_for_precision(source, dtype, self.quantization)
-        self.dtype = resolve_dtype(source, dtype)
+        peer = peer_model(spec["engine"])
+        source, self.model_name, self.weights, self.dtype = peer.source, peer.name, peer.weights, peer.dtype
+        self.quantization, self.kv_cache_dtype = peer.quantization, peer.kv_cache_dtype
         self.threads = spec.get("threads") or _usable_cpus()
         self.slots = workload.concurrency or 1
         tokenizer = open_checkpoint(source).load_tokenizer()

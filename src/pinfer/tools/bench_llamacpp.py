@@ -123,6 +123,28 @@ def gguf_for_precision(model: Path, dtype: str, quantization: str | None, cache:
     return WeightFile(out, wanted, converted=True)
 
 
+@dataclass(frozen=True)
+class PeerModel:
+    """What a llama.cpp peer runs for a bench spec's engine settings."""
+
+    name: str  # as the spec gives it
+    source: Path
+    dtype: str  # in pinfer's terms ("auto" resolved), so rows line up
+    quantization: str | None
+    kv_cache_dtype: str  # pinfer's int8 KV cache -> llama.cpp's q8_0 one
+    weights: WeightFile
+
+
+def peer_model(engine: dict[str, Any]) -> PeerModel:
+    from pinfer.loading.resolve import resolve_model
+
+    source = resolve_model(str(engine["model"]))
+    dtype = str(engine.get("dtype") or "auto").removeprefix("torch.")
+    quantization = engine.get("quantization")
+    return PeerModel(str(engine["model"]), source, resolve_dtype(source, dtype), quantization,
+                     engine.get("kv_cache_dtype", "auto"), gguf_for_precision(source, dtype, quantization))
+
+
 def _convert(model: Path, out: Path, outtype: str) -> None:
     from pinfer.tools.hf_to_gguf import hf_to_gguf
 
@@ -194,17 +216,11 @@ class LlamaCppRunner:
     def __init__(self, spec: dict[str, Any]):
         _require_llama_cpp()
         from pinfer.loading.loader import open_checkpoint
-        from pinfer.loading.resolve import resolve_model
 
-        engine = spec["engine"]
-        self.model_name = str(engine["model"])
-        source = resolve_model(self.model_name)
-        dtype = str(engine.get("dtype") or "auto").removeprefix("torch.")
-        self.quantization = engine.get("quantization")
+        peer = peer_model(spec["engine"])
+        source, self.model_name, self.weights, self.dtype = peer.source, peer.name, peer.weights, peer.dtype
         # pinfer's int8 KV cache against llama.cpp's q8_0 one (a quantized V cache needs flash attention)
-        self.kv_cache_dtype = engine.get("kv_cache_dtype", "auto")
-        self.weights = gguf_for_precision(source, dtype, self.quantization)
-        self.dtype = resolve_dtype(source, dtype)  # reported in pinfer's terms, so rows line up
+        self.quantization, self.kv_cache_dtype = peer.quantization, peer.kv_cache_dtype
         print(f"  llama.cpp: running {self.weights.path} ({self.weights.type})", file=sys.stderr, flush=True)
         self.threads = spec.get("threads") or _usable_cpus()
         # pinfer's tokenizer and chat template on the model it was asked for: the same prompt ids as pinfer's.
