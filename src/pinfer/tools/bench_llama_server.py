@@ -32,13 +32,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pinfer.tools.bench_llamacpp import _usable_cpus, chat_ids, peer_model
+from pinfer.tools.bench_llamacpp import _KV_PAD, _usable_cpus, chat_ids, peer_model
 from pinfer.tools.bench_runners import _short_model_name
-from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, run_serve_clients
+from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, measured_clients
 from pinfer.tools.workloads import Workload
 
 BUILD_HINT = "build it with `make llama-server` (into .venv/bin), or point LLAMA_SERVER at a llama-server binary"
-_KV_PAD = 256  # slot contexts rounded up, as llama.cpp pads its KV streams
 
 
 def find_llama_server() -> Path:
@@ -99,9 +98,9 @@ class LlamaServerRunner:
         tokenizer = open_checkpoint(source).load_tokenizer()
         lengths = [len(chat_ids(tokenizer, list(c))) for c in workload.conversations]
         self.slot_ctx = slot_context(workload, lengths)
-        command = llama_server_command(self.binary, self.weights.path, _free_port(), self.slots, self.slot_ctx,
+        port = _free_port()
+        command = llama_server_command(self.binary, self.weights.path, port, self.slots, self.slot_ctx,
                                        self.threads, self.model_name, self.kv_cache_dtype)
-        port = command[command.index("--port") + 1]
         print(f"  llama.cpp: serving {self.weights.path} ({self.weights.type}) with {self.binary}",
               file=sys.stderr, flush=True)
         self.server = ServerProcess(command, log_path, base_url=f"http://127.0.0.1:{port}").wait_ready()
@@ -120,11 +119,7 @@ class LlamaServerRunner:
         }
 
     def run(self, workload: Workload) -> ServedRunResult:
-        cpu_before = self.server.cpu_seconds()
-        result = run_serve_clients(self.server.base_url, self.model_name, workload, self.slots)
-        cpu_after = self.server.cpu_seconds()
-        cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-        return ServedRunResult(result.seconds, result.requests, cpu, self.server.peak_rss_bytes())
+        return measured_clients(self.server, self.model_name, workload, self.slots)
 
     def close(self) -> int:
         return self.server.stop()

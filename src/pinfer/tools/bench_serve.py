@@ -223,6 +223,16 @@ def _post(url: str, body: dict[str, Any]) -> int:
         return exc.code
 
 
+def measured_clients(server: ServerProcess, model_name: str, workload: Workload,
+                     concurrency: int | None = None) -> ServedRunResult:
+    """run_serve_clients against a running server, with the server's CPU time over the run and its peak RSS."""
+    cpu_before = server.cpu_seconds()
+    result = run_serve_clients(server.base_url, model_name, workload, concurrency)
+    cpu_after = server.cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return ServedRunResult(result.seconds, result.requests, cpu, server.peak_rss_bytes())
+
+
 # ---- pinfer serve -----------------------------------------------------------------------
 
 
@@ -296,11 +306,7 @@ class PinferServeRunner:
 
     def run(self, workload: Workload) -> ServedRunResult:
         self._reset_prefix_cache()
-        cpu_before = self.server.cpu_seconds()
-        result = run_serve_clients(self.server.base_url, self.model_name, workload)
-        cpu_after = self.server.cpu_seconds()
-        cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-        return ServedRunResult(result.seconds, result.requests, cpu, self.server.peak_rss_bytes())
+        return measured_clients(self.server, self.model_name, workload)
 
     def _reset_prefix_cache(self, timeout: float = 30.0) -> None:
         """Every run prefills from scratch, as the offline runner's do: sleep level 1 frees the KV pool
