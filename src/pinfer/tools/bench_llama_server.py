@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from pinfer.tools.bench_llamacpp import _KV_PAD, _usable_cpus, chat_ids, peer_model
-from pinfer.tools.bench_runners import _short_model_name
 from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, measured_clients
 from pinfer.tools.workloads import Workload
 
@@ -90,12 +89,12 @@ class LlamaServerRunner:
         from pinfer.loading.loader import open_checkpoint
 
         self.binary = find_llama_server()
-        peer = peer_model(spec["engine"])
-        source, self.model_name, self.weights, self.dtype = peer.source, peer.name, peer.weights, peer.dtype
-        self.quantization, self.kv_cache_dtype = peer.quantization, peer.kv_cache_dtype
+        self.peer = peer = peer_model(spec["engine"])
+        self.model_name, self.weights = peer.name, peer.weights
+        self.kv_cache_dtype = peer.kv_cache_dtype
         self.threads = spec.get("threads") or _usable_cpus()
         self.slots = workload.concurrency or 1
-        tokenizer = open_checkpoint(source).load_tokenizer()
+        tokenizer = open_checkpoint(peer.source).load_tokenizer()
         lengths = [len(chat_ids(tokenizer, list(c))) for c in workload.conversations]
         self.slot_ctx = slot_context(workload, lengths)
         port = _free_port()
@@ -107,11 +106,7 @@ class LlamaServerRunner:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "engine": self.name, "served_by": "llama-server", "model": _short_model_name(self.model_name),
-            "model_path": self.model_name, "gguf_file": str(self.weights.path), "gguf_type": self.weights.type,
-            "gguf_converted": self.weights.converted, "dtype": self.dtype, "quantization": self.quantization or "none",
-            "kv_cache_dtype": self.kv_cache_dtype, "kv_cache_type": "q8_0" if self.kv_cache_dtype == "int8" else "f16",
-            "attention_backend": "ggml (flash-attn on)" if self.kv_cache_dtype == "int8" else "ggml (flash-attn auto)",
+            "engine": self.name, "served_by": "llama-server", **self.peer.describe(),
             "kv_cache": f"{self.slots} slots x {self.slot_ctx} cells, one stream per slot",
             "threads": self.threads, "device": "cpu", "max_num_seqs": self.slots, "deterministic": False,
             "llama_server": str(self.binary), "llama_server_version": llama_server_version(self.binary),

@@ -134,6 +134,17 @@ class PeerModel:
     kv_cache_dtype: str  # pinfer's int8 KV cache -> llama.cpp's q8_0 one
     weights: WeightFile
 
+    def describe(self) -> dict[str, Any]:
+        """The describe() fields both llama.cpp runners share: what they run, at what precision."""
+        int8_kv = self.kv_cache_dtype == "int8"
+        return {
+            "model": _short_model_name(self.name), "model_path": self.name,
+            "gguf_file": str(self.weights.path), "gguf_type": self.weights.type,
+            "gguf_converted": self.weights.converted, "dtype": self.dtype, "quantization": self.quantization or "none",
+            "kv_cache_dtype": self.kv_cache_dtype, "kv_cache_type": "q8_0" if int8_kv else "f16",
+            "attention_backend": "ggml (flash-attn on)" if int8_kv else "ggml (flash-attn auto)",
+        }
+
 
 def peer_model(engine: dict[str, Any]) -> PeerModel:
     from pinfer.loading.resolve import resolve_model
@@ -217,14 +228,14 @@ class LlamaCppRunner:
         _require_llama_cpp()
         from pinfer.loading.loader import open_checkpoint
 
-        peer = peer_model(spec["engine"])
-        source, self.model_name, self.weights, self.dtype = peer.source, peer.name, peer.weights, peer.dtype
+        self.peer = peer = peer_model(spec["engine"])
+        self.model_name, self.weights = peer.name, peer.weights
         # pinfer's int8 KV cache against llama.cpp's q8_0 one (a quantized V cache needs flash attention)
-        self.quantization, self.kv_cache_dtype = peer.quantization, peer.kv_cache_dtype
+        self.kv_cache_dtype = peer.kv_cache_dtype
         print(f"  llama.cpp: running {self.weights.path} ({self.weights.type})", file=sys.stderr, flush=True)
         self.threads = spec.get("threads") or _usable_cpus()
         # pinfer's tokenizer and chat template on the model it was asked for: the same prompt ids as pinfer's.
-        self.tokenizer = open_checkpoint(source).load_tokenizer()
+        self.tokenizer = open_checkpoint(peer.source).load_tokenizer()
         _install_log()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
@@ -240,12 +251,7 @@ class LlamaCppRunner:
         arch = ctypes.create_string_buffer(64)
         llama_cpp.llama_model_meta_val_str(self.model, b"general.architecture", arch, len(arch))
         return {
-            "engine": self.name, "model": _short_model_name(self.model_name), "model_path": self.model_name,
-            "gguf_file": str(self.weights.path), "gguf_type": self.weights.type,
-            "gguf_converted": self.weights.converted, "architecture": arch.value.decode(errors="replace"),
-            "dtype": self.dtype, "quantization": self.quantization or "none",
-            "kv_cache_dtype": self.kv_cache_dtype, "kv_cache_type": "q8_0" if self.kv_cache_dtype == "int8" else "f16",
-            "attention_backend": "ggml (flash-attn on)" if self.kv_cache_dtype == "int8" else "ggml (flash-attn auto)",
+            "engine": self.name, **self.peer.describe(), "architecture": arch.value.decode(errors="replace"),
             "kv_cache": "one stream per request (kv_unified off)",
             "threads": self.threads, "device": "cpu", "max_num_seqs": None, "deterministic": False,
             **llama_cpp_build(),
