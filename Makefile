@@ -32,7 +32,7 @@ test: install browser
 	$(PY) -m pytest -q
 
 # llama.cpp's server, the peer of `pinfer bench -e llama.cpp -w serve` (optional; CI does not build it,
-# ~20-30 min on 2 cores): the llama.cpp that llama-cpp-python $(LLAMA_CPP_PYTHON) vendors (the offline
+# ~7 min on 2 cores): the llama.cpp that llama-cpp-python $(LLAMA_CPP_PYTHON) vendors (the offline
 # peer's), built without -march=native, whose AMX path dies with SIGILL on batched prompts on Xeons.
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF
