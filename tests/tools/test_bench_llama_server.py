@@ -27,16 +27,19 @@ def test_the_command_gives_each_client_a_slot_with_room_for_its_request(tmp_path
     slot_ctx = slot_context(workload, [50, 70, 61])
     assert slot_ctx == 256  # 70 + 128 tokens, rounded up to llama.cpp's 256-cell padding
     assert slot_context(workload, [129]) == 512
-    command = llama_server_command(tmp_path / "llama-server", tmp_path / "m.gguf", 8123, 4, slot_ctx, 2, "smollm2")
+    command = llama_server_command(tmp_path / "llama-server", tmp_path / "m.gguf", 8123, 4, slot_ctx, 2, "smollm2",
+                                   tmp_path / "slots")
     assert (_option(command, "--parallel"), _option(command, "--ctx-size")) == ("4", str(4 * 256))
     assert (_option(command, "--threads"), _option(command, "--threads-batch"), _option(command, "--port")) == \
         ("2", "2", "8123")
     assert _option(command, "--cache-ram") == "0" and "--jinja" in command and "--cache-type-k" not in command
-    int8 = llama_server_command(tmp_path / "s", tmp_path / "m.gguf", 1, 4, 256, 2, "m", kv_cache_dtype="int8")
+    assert _option(command, "--slot-save-path") == str(tmp_path / "slots")  # llama-server's slot erase needs it
+    int8 = llama_server_command(tmp_path / "s", tmp_path / "m.gguf", 1, 4, 256, 2, "m", tmp_path,
+                                kv_cache_dtype="int8")
     assert (_option(int8, "--cache-type-k"), _option(int8, "--cache-type-v"), _option(int8, "--flash-attn")) == \
         ("q8_0", "q8_0", "on")
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp8'"):
-        llama_server_command(tmp_path / "s", tmp_path / "m.gguf", 1, 4, 256, 2, "m", kv_cache_dtype="fp8")
+        llama_server_command(tmp_path / "s", tmp_path / "m.gguf", 1, 4, 256, 2, "m", tmp_path, kv_cache_dtype="fp8")
 
 
 def test_a_missing_llama_server_names_how_to_build_it(tmp_path, monkeypatch):
@@ -70,10 +73,13 @@ def test_llama_server_streams_every_token_from_pinfers_prompt_tokens(tmp_path):
     try:
         described = runner.describe()
         result = runner.run(workload)
+        # the run left a prompt in each slot, and run() erases them first: no reuse across runs
+        held, after = runner.erase_slots(), runner.erase_slots()
     finally:
         exit_code = runner.close()
     assert exit_code in (0, -signal.SIGTERM)
     assert (described["served_by"], described["gguf_type"], described["max_num_seqs"]) == ("llama-server", "Q4_1", 2)
+    assert len(held) == 2 and all(n > 0 for n in held) and after == [0, 0]
     assert "version" in described["llama_server_version"]
     tokenizer = open_checkpoint(resolve_model(DEFAULT_MODEL)).load_tokenizer()
     # its Jinja chat template on the GGUF's template makes the ids pinfer's tokenizer makes

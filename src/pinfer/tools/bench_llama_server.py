@@ -13,9 +13,11 @@ LLAMA_SERVER=/path picks another build. The runner starts it with:
   (`--jinja`, the template pinfer's tokenizer applies), the q8_0 KV cache with flash
   attention for pinfer's int8 KV cache;
 - `--cache-ram 0`: no host-memory cache of earlier prompts, which would let a repeat skip
-  the prefill that pinfer's runs redo (its runner resets the prefix cache between runs).
-  Within a run each slot still reuses its last prompt's shared prefix, as pinfer's
-  prefix cache does.
+  the prefill that pinfer's runs redo (its runner resets the prefix cache between runs);
+  and before every run the runner erases each slot's prompt (`POST /slots/{id}?action=erase`,
+  which llama-server serves only with `--slot-save-path`), so a run's first request in a
+  slot cannot reuse the last run's chat-template prefix. Within a run each slot still
+  reuses its last prompt's shared prefix, as pinfer's prefix cache does.
 
 The clients are bench_serve's (the official openai package, streaming chat completions),
 and the server process is measured the same way (CPU time, VmHWM).
@@ -26,9 +28,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import json
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +66,12 @@ def slot_context(workload: Workload, prompt_lengths: list[int]) -> int:
 
 
 def llama_server_command(binary: Path, weights: Path, port: int, slots: int, slot_ctx: int, threads: int,
-                         alias: str, kv_cache_dtype: str = "auto") -> list[str]:
+                         alias: str, slot_dir: Path, kv_cache_dtype: str = "auto") -> list[str]:
+    """slot_dir: --slot-save-path, without which llama-server refuses the slot erase the runner uses."""
     command = [str(binary), "--model", str(weights), "--alias", alias, "--host", "127.0.0.1", "--port", str(port),
                "--parallel", str(slots), "--ctx-size", str(slots * slot_ctx), "--threads", str(threads),
                "--threads-batch", str(threads), "--n-gpu-layers", "0", "--jinja", "--cache-ram", "0",
-               "--no-webui"]
+               "--slot-save-path", str(slot_dir), "--no-webui"]
     if kv_cache_dtype == "int8":
         command += ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on"]
     elif kv_cache_dtype != "auto":
@@ -98,8 +103,10 @@ class LlamaServerRunner:
         lengths = [len(chat_ids(tokenizer, list(c))) for c in workload.conversations]
         self.slot_ctx = slot_context(workload, lengths)
         port = _free_port()
+        slot_dir = Path(log_path).parent / "llama-server-slots"
+        slot_dir.mkdir(exist_ok=True)
         command = llama_server_command(self.binary, self.weights.path, port, self.slots, self.slot_ctx,
-                                       self.threads, self.model_name, self.kv_cache_dtype)
+                                       self.threads, self.model_name, slot_dir, self.kv_cache_dtype)
         print(f"  llama.cpp: serving {self.weights.path} ({self.weights.type}) with {self.binary}",
               file=sys.stderr, flush=True)
         self.server = ServerProcess(command, log_path, base_url=f"http://127.0.0.1:{port}").wait_ready()
@@ -114,7 +121,18 @@ class LlamaServerRunner:
         }
 
     def run(self, workload: Workload) -> ServedRunResult:
+        self.erase_slots()  # every run prefills from scratch, as pinfer's runs do
         return measured_clients(self.server, self.model_name, workload, self.slots)
+
+    def erase_slots(self) -> list[int]:
+        """Drop every slot's cached prompt; how many tokens each slot held."""
+        erased = []
+        for slot in range(self.slots):
+            request = urllib.request.Request(f"{self.server.base_url}/slots/{slot}?action=erase", data=b"{}",
+                                             method="POST", headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:  # an HTTP error raises, naming the URL
+                erased.append(int(json.load(response)["n_erased"]))
+        return erased
 
     def close(self) -> int:
         return self.server.stop()
