@@ -25,19 +25,20 @@ and the server process is measured the same way (CPU time, VmHWM).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import json
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pinfer.tools.bench_llamacpp import _KV_PAD, _usable_cpus, chat_ids, peer_model
-from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, measured_clients
+from pinfer.tools.bench_serve import ServedRunResult, ServerProcess, json_post, measured_clients
 from pinfer.tools.workloads import Workload
 
 BUILD_HINT = "build it with `make llama-server` (into .venv/bin), or point LLAMA_SERVER at a llama-server binary"
@@ -128,10 +129,13 @@ class LlamaServerRunner:
         """Drop every slot's cached prompt; how many tokens each slot held."""
         erased = []
         for slot in range(self.slots):
-            request = urllib.request.Request(f"{self.server.base_url}/slots/{slot}?action=erase", data=b"{}",
-                                             method="POST", headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=30) as response:  # an HTTP error raises, naming the URL
-                erased.append(int(json.load(response)["n_erased"]))
+            url = f"{self.server.base_url}/slots/{slot}?action=erase"
+            try:
+                with urllib.request.urlopen(json_post(url, {}), timeout=30) as response:
+                    erased.append(int(json.load(response)["n_erased"]))
+            except urllib.error.HTTPError as exc:  # its message names neither the URL nor llama-server's reason
+                raise RuntimeError(f"llama-server refused to erase slot {slot} ({url}): HTTP {exc.code}: "
+                                   f"{exc.read().decode(errors='replace')}") from exc
         return erased
 
     def close(self) -> int:

@@ -213,11 +213,15 @@ def _get_status(url: str) -> int | None:
         return None
 
 
+def json_post(url: str, body: dict[str, Any]) -> urllib.request.Request:
+    """A POST of body as JSON to url, for urllib.request.urlopen."""
+    return urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                  headers={"Content-Type": "application/json"})
+
+
 def _post(url: str, body: dict[str, Any]) -> int:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(json_post(url, body), timeout=120) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
