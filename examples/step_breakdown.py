@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/step_breakdown.py [-q int8] [--kv-cache-dtype int8] [--dtype bfloat16]
     .venv/bin/python examples/step_breakdown.py --latency        # batch 1, greedy
+    .venv/bin/python examples/step_breakdown.py -q int8 --prefill  # the prompts' prefill steps instead
 
 Builds a copy of kernels/cpu_ops.cpp in which every at::parallel_for is timed (once per
 machine and source, ~30 s, in pinfer's kernel cache): the region's wall time on the calling
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--latency", action="store_true", help="batch 1, greedy, instead of the rollout")
+    parser.add_argument("--prefill", action="store_true", help="break down the prompts' prefill steps instead")
     args = parser.parse_args()
 
     path, lines = instrumented_source(kernels.cache_dir() / "step_breakdown")
@@ -145,12 +147,14 @@ def main() -> None:
     engine.block_manager.reset_prefix_cache()
     for prompt, p in zip(prompts, workload.sampling_params()):
         engine.add_request(prompt, p, final_only=True)
+    torch.ops.pinfer.region_times()
+    phases.seconds.clear()
     prefill_start, prefill_steps = time.perf_counter(), 0
     while any(seq.num_output_tokens == 0 for r in engine.requests.values() for seq in r.seqs):
         engine.step()  # the prompts' prefill
         prefill_steps += 1
     prefill = time.perf_counter() - prefill_start
-    torch.ops.pinfer.region_times()
+    prefill_regions, prefill_phases = torch.ops.pinfer.region_times(), phases.seconds.copy()
     phases.seconds.clear()
     steps, start = 0, time.perf_counter()
     while engine.has_unfinished_requests():
@@ -159,16 +163,23 @@ def main() -> None:
     wall = (time.perf_counter() - start) / steps
     regions = torch.ops.pinfer.region_times()
 
+    name = f"{args.dtype}{', ' + args.quantization if args.quantization else ''}, KV cache {args.kv_cache_dtype}"
+    batch = len(prompts)
+    print(f"{workload.name} {batch} x {workload.max_tokens}, {name}: {steps} decode steps, {1000 * wall:.2f} ms a step "
+          f"({batch / wall:.0f} tok/s); before them, the prompts' prefill: {prefill:.2f} s in {prefill_steps} steps")
+    if args.prefill:
+        regions, phases.seconds, steps, wall = prefill_regions, prefill_phases, prefill_steps, prefill / prefill_steps
+        print(f"\nthe prefill steps instead of the decode steps: {1000 * wall:.1f} ms a step")
+    report(lines, regions, phases, steps, wall)
+
+
+def report(lines: list[str], regions: torch.Tensor, phases: PhaseTimes, steps: int, wall: float) -> None:
     per_function: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for line in regions[:, 0].nonzero().flatten().tolist():
         totals = per_function[enclosing_function(lines, line)]
         for i, value in enumerate(regions[line].tolist()):
             totals[i] += value
     in_regions = sum(t[1] for t in per_function.values()) / steps
-    name = f"{args.dtype}{', ' + args.quantization if args.quantization else ''}, KV cache {args.kv_cache_dtype}"
-    batch = len(prompts)
-    print(f"{workload.name} {batch} x {workload.max_tokens}, {name}: {steps} decode steps, {1000 * wall:.2f} ms a step "
-          f"({batch / wall:.0f} tok/s); before them, the prompts' prefill: {prefill:.2f} s in {prefill_steps} steps")
     print("\nkernel parallel regions, ms a step (calls a step; each thread's share of the region's time busy):")
     for function, (calls, seconds, main_thread, worker) in sorted(per_function.items(), key=lambda kv: -kv[1][1]):
         print(f"  {function:28s} {1000 * seconds / steps:7.2f}  ({calls / steps:5.1f})  "
@@ -178,7 +189,6 @@ def main() -> None:
     print("\nengine phases, ms a step (with the ops they call):")
     for label, seconds in phases.seconds.most_common():
         print(f"  {label:36s} {1000 * seconds / steps:7.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -235,6 +235,39 @@ def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_head
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("num_seqs", [8, 3])  # 8: whole sequences per thread; 3: each spread over the threads
+def test_batched_prefill_attention_has_the_per_sequence_bits(num_seqs):
+    """One call for a step's prefill sequences (rows strided in a qkv view, cached prefixes,
+    decode rows between them) writes exactly what the per-sequence kernel gives, and nothing else."""
+    if "avx512_bf16" not in _cpu_flags():
+        pytest.skip("the prefill kernel needs AVX512-BF16; the engine uses SDPA here")
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim = 9, 3, 64
+    q_lens = [44, 1, 60, 17, 33, 1, 48, 2][:num_seqs]
+    context_lens = [60, 30, 60, 40, 33, 100, 48, 70][:num_seqs]
+    k_cache, v_cache, tables = _paged_pool(torch.bfloat16, num_seqs, max(context_lens), kv_heads, head_dim)
+    tokens = sum(q_lens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(torch.bfloat16)
+    query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    starts = [sum(q_lens[:i]) for i in range(num_seqs)]
+    prefill = [i for i in range(num_seqs) if q_lens[i] > 1]
+    seqs = torch.tensor([(i, starts[i], q_lens[i], context_lens[i]) for i in prefill])
+    out = torch.full((tokens, heads, head_dim), 7.0, dtype=torch.bfloat16)
+    torch.ops.pinfer.paged_prefill_attention_batch(query, k_cache, v_cache, tables, seqs, 0.125, out)
+    for i in range(num_seqs):
+        rows = out[starts[i] : starts[i] + q_lens[i]]
+        if i in prefill:
+            one = torch.ops.pinfer.paged_prefill_attention(query[starts[i] : starts[i] + q_lens[i]], k_cache,
+                                                           v_cache, tables[i], context_lens[i], 0.125)
+            assert torch.equal(rows, one)
+        else:
+            assert (rows == 7).all()  # a decode row: not the prefill kernel's
+    bad = seqs.clone()
+    bad[0, 3] = 10**6  # a context longer than the table
+    with pytest.raises(RuntimeError, match="sequence 0 .* out of range"):
+        torch.ops.pinfer.paged_prefill_attention_batch(query, k_cache, v_cache, tables, bad, 0.125, out)
+
+
 def test_row_keys_kernel_matches_the_pytorch_hash():
     """The sampler's per-row keys from the kernel: the bits of sampling/random.py's row_keys,
     for seeds and steps anywhere in int64 (negative, past 2**32, the extremes)."""

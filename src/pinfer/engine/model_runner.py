@@ -207,9 +207,14 @@ class ModelRunner:
         fresh = ids[~self._zeroed[ids]]
         if fresh.size:
             fresh = np.unique(fresh)  # only then: np.unique of every step's tables was ~0.1 ms a batch-1 token
-            self._pool[:, :, torch.from_numpy(fresh)] = 0
-            if self._scale_pool is not None:
-                self._scale_pool[:, :, torch.from_numpy(fresh)] = 0
+            # runs of consecutive ids (never-used blocks are handed out in order), each one slice's
+            # zero_(): an index_put of the ids took ~1 ms for 4 blocks, the slices ~0.04
+            breaks = np.flatnonzero(np.diff(fresh) != 1) + 1
+            for run in np.split(fresh, breaks):
+                first, last = int(run[0]), int(run[-1]) + 1
+                self._pool[:, :, first:last].zero_()
+                if self._scale_pool is not None:
+                    self._scale_pool[:, :, first:last].zero_()
             self._zeroed[fresh] = True
             self.blocks_zeroed += int(fresh.size)
 

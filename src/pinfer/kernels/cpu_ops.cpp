@@ -215,7 +215,7 @@ void rotary_(at::Tensor& query, at::Tensor& key, const at::Tensor& cos, const at
 
 // x_scale = max|x| / 127 and xq = round(x / x_scale): one row's int8 quantization (int8 linears)
 template <typename T>
-float quantize_row(const T* x, int64_t k_dim, int8_t* xq);
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset = 0);
 
 // ---- paged decode attention ------------------------------------------------------------------
 // One new token per sequence against its keys in the paged pool, read in place through the
@@ -304,11 +304,17 @@ struct ItemRows {
     k.resize(n), v.resize(n);
     k_scale.resize(k_scales ? n : 0), v_scale.resize(k_scales ? n : 0);
     row_bytes = items.span * items.head_dim * static_cast<int64_t>(sizeof(E));
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t offset = items.pool_offset(item, first + t);
-      k[t] = reinterpret_cast<const char*>(k_cache + offset);
-      v[t] = reinterpret_cast<const char*>(v_cache + offset);
-      if (k_scales) k_scale[t] = k_scales + offset / items.head_dim, v_scale[t] = v_scales + offset / items.head_dim;
+    // block by block: one division for the first position, none per position
+    int64_t t = 0;
+    for (int64_t pos = first; t < n;) {
+      int64_t offset = items.pool_offset(item, pos);
+      const int64_t in_block = std::min(n - t, items.block_size - pos % items.block_size);
+      for (int64_t i = 0; i < in_block; ++i, ++t, offset += items.token_stride) {
+        k[t] = reinterpret_cast<const char*>(k_cache + offset);
+        v[t] = reinterpret_cast<const char*>(v_cache + offset);
+        if (k_scales) k_scale[t] = k_scales + offset / items.head_dim, v_scale[t] = v_scales + offset / items.head_dim;
+      }
+      pos += in_block;
     }
   }
   template <typename E>
@@ -321,10 +327,14 @@ struct ItemRows {
 // the current item computes. Without it memory idles during an item's compute (all but its
 // first query row, the softmax and P.V run on cached rows) and the compute waits during its
 // first pass: the two were about equal at B=64, so overlapping them is worth up to 2x.
-// lines of K and of V per 16 positions of a query row: the next item's span * D rows are
-// 2-8 lines per position and an item has group >= 1 query rows per kv head; 12 covers a next
-// item as long as this one at head_dim 64 by the end of its second row's Q.K.
-constexpr int kNextItemLinesPerChunk = 12;
+// Lines of K and of V per 16 positions of a query row in Q.K, and per position of a kv head
+// in P.V: spread over both phases, so memory stays busy through P.V too. The next item's rows
+// are span * D * 2 bytes, 6 lines a position for SmolLM2 at B=64 (span 3): its Q.K's 9 rows
+// and P.V's 3 heads fetch 9 * 8 / 16 + 3 = 7.5 lines a position, a next item as long as this
+// one. Measured (examples/kernel_microbench.py's pools from memory, B=64, 60-190 positions,
+// bf16, min of 6 runs): 12 + 0 (Q.K only) 0.41 ms a layer, 8 + 1 0.36, 4 + 1 0.35, 8 + 2 0.36.
+constexpr int kNextItemLinesPerChunk = 8;
+constexpr int kNextItemLinesPerValueRow = 1;
 
 struct NextItemPrefetcher {
   const char* const* k_rows = nullptr;
@@ -437,10 +447,13 @@ __attribute__((always_inline)) inline void item_scores(const E* const* k_rows, i
 
 // P.V of an item, each row's accumulators in registers: out[row] = inv_sum[row] *
 // sum_t scores[row][t] * value(t), value(vp, vv) loading position t's row (at vp) as C16
-// float vectors.
-template <int C16, typename E, typename T, typename Load>
+// float vectors. kEvenOdd: vv[2c] and vv[2c + 1] hold the even and the odd elements of the
+// row's 32 elements from 32c (a bf16 row's halves of each 32-bit lane, split by one shift and
+// one mask instead of two widening loads); the products are the same, only the lanes differ,
+// and the store puts the elements back in order. next_item streams the next item's rows in.
+template <int C16, bool kEvenOdd = false, typename E, typename T, typename Load>
 __attribute__((always_inline)) inline void item_values(const E* const* v_rows, int64_t n, int64_t span, int64_t group, const float* scores,
-                        const float* inv_sum, T* out, Load&& load) {
+                        const float* inv_sum, T* out, NextItemPrefetcher& next_item, Load&& load) {
   constexpr int64_t D = C16 * 16;
   constexpr int R = C16 >= 16 ? 1 : 16 / C16;  // rows per P.V pass: 16 accumulators
   for (int64_t t = 0; t < std::min<int64_t>(n, kPrefetch); ++t) prefetch_bytes(v_rows[t], span * D * sizeof(E));
@@ -453,6 +466,7 @@ __attribute__((always_inline)) inline void item_values(const E* const* v_rows, i
         for (int c = 0; c < C16; ++c) acc[i][c] = _mm512_setzero_ps();
       for (int64_t t = 0; t < n; ++t) {
         if (first_pass && t + kPrefetch < n) prefetch_bytes(v_rows[t + kPrefetch], span * D * sizeof(E));
+        next_item.step(kNextItemLinesPerValueRow);
         __m512 vv[C16];
         load(v_rows[t] + h * D, vv);
         for (int i = 0; i < R; ++i) {
@@ -461,9 +475,22 @@ __attribute__((always_inline)) inline void item_values(const E* const* v_rows, i
           for (int c = 0; c < C16; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
         }
       }
-      for (int64_t i = 0; i < rr; ++i)
-        for (int c = 0; c < C16; ++c)
-          store16(out + (row0 + i) * D + c * 16, _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv_sum[row0 + i])));
+      for (int64_t i = 0; i < rr; ++i) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[row0 + i]);
+        if constexpr (kEvenOdd) {
+          static_assert(std::is_same_v<T, bf16>, "even/odd lanes: bf16 rows");
+          // lane j of the pair: even element 2j in the low 16 bits, odd 2j + 1 in the high ones
+          const __m512i to_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23,
+                                                    7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+          for (int c = 0; c < C16; c += 2) {
+            const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_bits(_mm512_mul_ps(acc[i][c], inv))),
+                                                      to_bf16_bits(_mm512_mul_ps(acc[i][c + 1], inv)), 1);
+            _mm512_storeu_si512(out + (row0 + i) * D + c * 16, _mm512_permutexvar_epi16(to_order, halves));
+          }
+        } else {
+          for (int c = 0; c < C16; ++c) store16(out + (row0 + i) * D + c * 16, _mm512_mul_ps(acc[i][c], inv));
+        }
+      }
     }
 }
 
@@ -491,8 +518,12 @@ void bf16_decode_item(const bf16* q, const bf16* const* k_rows, const bf16* cons
               },
               [&](int64_t, int64_t, __m512 sums) { return _mm512_mul_ps(sums, scale_v); });
   softmax_rows(scores, inv_sum, span * group, n);
-  item_values<VECS * 2>(v_rows, n, span, group, scores, inv_sum, out, [](const bf16* vp, __m512* vv) {
-    for (int c = 0; c < VECS * 2; ++c) vv[c] = load16(vp + c * 16);
+  item_values<VECS * 2, true>(v_rows, n, span, group, scores, inv_sum, out, next_item, [](const bf16* vp, __m512* vv) {
+    for (int c = 0; c < VECS; ++c) {
+      const __m512i pairs = _mm512_loadu_si512(vp + c * 32);
+      vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    }
   });
 }
 #endif
@@ -545,7 +576,7 @@ void int8_decode_item(const T* q, const ItemRows& rows, int64_t n, int64_t span,
       _mm512_mask_storeu_ps(p, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p),
                                                 _mm512_maskz_loadu_ps(m, v_scales + (row / group) * n + t)));
     }
-  item_values<V64 * 4>(rows.v_as<int8_t>(), n, span, group, scores, inv_sum, out, [](const int8_t* vp, __m512* vv) {
+  item_values<V64 * 4>(rows.v_as<int8_t>(), n, span, group, scores, inv_sum, out, next_item, [](const int8_t* vp, __m512* vv) {
     for (int c = 0; c < V64 * 4; ++c)
       vv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp + c * 16))));
   });
@@ -958,17 +989,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_sample(const at::Tensor& l
 // gate_up [T, 2I] -> [T, I]; silu as aten computes it (x / (1 + exp(-x)) in float32, Sleef's
 // expf), rounded to T, then the product rounded to T: the bits of F.silu(gate) * up.
 
+inline __m512 neg_exp(__m512 g) { return Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g)); }
+
+// T(T(g / (1 + e)) * up), e = exp(-g)
+template <typename T>
+inline __m512 silu_times(__m512 g, __m512 e, __m512 up, const T* as) {
+  return _mm512_mul_ps(round_as(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), as), up);
+}
+
 template <typename T>
 void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * width;
       const T* up = gate + width;
-      for (int64_t d = 0; d < width; d += 16) {
-        __mmask16 m = tail_mask(width - d);
-        __m512 g = load16_masked(gate + d, m);
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        store16_masked(out + r * width + d, _mm512_mul_ps(round_as(silu, gate), load16_masked(up + d, m)), m);
+      T* o = out + r * width;
+      int64_t d = 0;
+      // four vectors at a time, their exps first, so that the calls' latencies overlap:
+      // 0.060 -> 0.043 ms for SmolLM2's [64, 3072] (examples/kernel_microbench.py's shapes)
+      for (; d + 64 <= width; d += 64) {
+        __m512 g[4], e[4];
+        for (int i = 0; i < 4; ++i) g[i] = load16(gate + d + 16 * i);
+        for (int i = 0; i < 4; ++i) e[i] = neg_exp(g[i]);
+        for (int i = 0; i < 4; ++i) store16(o + d + 16 * i, silu_times(g[i], e[i], load16(up + d + 16 * i), gate));
+      }
+      for (; d < width; d += 16) {
+        const __mmask16 m = tail_mask(width - d);
+        const __m512 g = load16_masked(gate + d, m);
+        store16_masked(o + d, silu_times(g, neg_exp(g), load16_masked(up + d, m), gate), m);
       }
     }
   });
@@ -1083,7 +1131,7 @@ void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k
 // order as the PyTorch path (an int32 sum is exact), so the same bits.
 
 template <typename T>
-float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset) {
   __m512 mx = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_dim; k += 16)
     mx = _mm512_max_ps(mx, _mm512_abs_ps(load16_masked(x + k, tail_mask(k_dim - k))));
@@ -1092,7 +1140,8 @@ float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
   for (int64_t k = 0; k < k_dim; k += 16) {
     __mmask16 m = tail_mask(k_dim - k);
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16_masked(x + k, m), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_mask_storeu_epi8(xq + k, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+    const __m128i bytes = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q));
+    _mm_mask_storeu_epi8(xq + k, m, _mm_add_epi8(bytes, _mm_set1_epi8(offset)));  // + offset, mod 256
   }
   return x_scale;
 }
@@ -1251,15 +1300,10 @@ struct Int8Dot {
   static void store(uint8_t* p, Acc acc) { _mm512_store_si512(p, acc); }
 };
 
+// xq + 128 as unsigned bytes (vpdpbusd's unsigned operand), in the same pass as the rounding
 template <typename T>
-float quantize_row_unsigned(const T* x, int64_t k_dim, int8_t* scratch, uint8_t* xu) {
-  const float x_scale = quantize_row(x, k_dim, scratch);
-  for (int64_t k = 0; k < k_dim; k += 64) {
-    __mmask64 m = k_dim - k >= 64 ? ~0ULL : ((1ULL << (k_dim - k)) - 1);
-    const __m512i q = _mm512_maskz_loadu_epi8(m, scratch + k);
-    _mm512_mask_storeu_epi8(xu + k, m, _mm512_add_epi8(q, _mm512_set1_epi8(-128)));  // + 128, mod 256
-  }
-  return x_scale;
+float quantize_row_unsigned(const T* x, int64_t k_dim, uint8_t* xu) {
+  return quantize_row(x, k_dim, reinterpret_cast<int8_t*>(xu), static_cast<int8_t>(-128));
 }
 
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_sums,
@@ -1270,7 +1314,6 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(packed.scalar_type() == at::kChar && w_sums.numel() == n_dim && w_scale.numel() == n_dim &&
               w_scale.scalar_type() == at::kFloat);
   auto xu = at::empty({m_dim, k_dim}, x.options().dtype(at::kByte));
-  auto scratch = at::empty({m_dim, k_dim}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));
   auto out = at::empty({m_dim, n_dim}, x.options());
   PINFER_DISPATCH(x.scalar_type(), "int8_gemm", [&] {
@@ -1279,7 +1322,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
     float* xs = x_scale.data_ptr<float>();
     at::parallel_for(0, m_dim, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        xs[r] = quantize_row_unsigned(xp + r * k_dim, k_dim, scratch.data_ptr<int8_t>() + r * k_dim, xup + r * k_dim);
+        xs[r] = quantize_row_unsigned(xp + r * k_dim, k_dim, xup + r * k_dim);
     });
     const int32_t* sums = w_sums.data_ptr<int32_t>();
     const float* ws = w_scale.data_ptr<float>();
@@ -1483,15 +1526,38 @@ inline void add_weighted_values(float* o, float alpha, const float* p, const bf1
   for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(o + c * 16, acc[c]);
 }
 
-void prefill_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
-                            const int64_t* table, int64_t q_len, int64_t context_len, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, bf16* out) {
-  const int64_t group = num_heads / num_kv_heads, pairs = head_dim / 2, chunks = head_dim / 16;
-  const int64_t keys = (context_len + 15) / 16 * 16;  // padded to whole key blocks (masked)
-  const int64_t token_stride = num_kv_heads * head_dim, page_stride = block_size * token_stride;
-  std::vector<uint32_t> k_pairs(num_kv_heads * pairs * keys, 0);  // bf16 pairs as 32-bit words
-  std::vector<bf16> values(num_kv_heads * keys * head_dim, bf16(0.0f));
-  at::parallel_for(0, context_len, 64, [&](int64_t begin, int64_t end) {
+// One sequence's prefill, in two phases a caller runs on one thread or spreads over threads:
+// gather (the context's keys and values copied out of the pages, by position) and items (one
+// head x 16 query rows each).
+struct PrefillSeq {
+  const bf16* q;  // the sequence's first query row
+  int64_t q_stride;
+  const bf16 *k_cache, *v_cache;
+  const int64_t* table;
+  int64_t q_len, context_len, num_heads, num_kv_heads, head_dim, block_size;
+  float scale;
+  bf16* out;  // [q_len, num_heads, head_dim]
+  int64_t group, pairs, chunks, keys, token_stride, page_stride, first_pos, row_blocks;
+  std::vector<uint32_t>& k_pairs;  // [Hkv, D/2, keys]: bf16 pairs as 32-bit words
+  std::vector<bf16>& values;  // [Hkv, keys, D]
+
+  PrefillSeq(const bf16* q_, int64_t q_stride_, const bf16* k, const bf16* v, const int64_t* table_, int64_t q_len_,
+             int64_t context_len_, int64_t heads, int64_t kv_heads, int64_t dim, int64_t bs, float scale_, bf16* out_,
+             std::vector<uint32_t>& k_scratch, std::vector<bf16>& v_scratch)
+      : q(q_), q_stride(q_stride_), k_cache(k), v_cache(v), table(table_), q_len(q_len_), context_len(context_len_),
+        num_heads(heads), num_kv_heads(kv_heads), head_dim(dim), block_size(bs), scale(scale_), out(out_),
+        k_pairs(k_scratch), values(v_scratch) {
+    group = num_heads / num_kv_heads, pairs = head_dim / 2, chunks = head_dim / 16;
+    keys = (context_len + 15) / 16 * 16;  // padded to whole key blocks (masked)
+    token_stride = num_kv_heads * head_dim, page_stride = block_size * token_stride;
+    first_pos = context_len - q_len;  // position of query row 0
+    row_blocks = (q_len + 15) / 16;
+    k_pairs.assign(num_kv_heads * pairs * keys, 0);
+    values.assign(num_kv_heads * keys * head_dim, bf16(0.0f));
+  }
+  int64_t num_items() const { return num_heads * row_blocks; }
+
+  void gather(int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t offset = table[t / block_size] * page_stride + (t % block_size) * token_stride;
       const uint32_t* kt = reinterpret_cast<const uint32_t*>(k_cache + offset);
@@ -1500,15 +1566,12 @@ void prefill_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache
         std::memcpy(values.data() + (h * keys + t) * head_dim, v_cache + offset + h * head_dim, head_dim * sizeof(bf16));
       }
     }
-  });
-  const int64_t first_pos = context_len - q_len;  // position of query row 0
-  const int64_t row_blocks = (q_len + 15) / 16;
-  at::parallel_for(0, num_heads * row_blocks, 1, [&](int64_t begin, int64_t end) {
+  }
+
+  void items(int64_t begin, int64_t end) {
     std::vector<float> o(16 * head_dim);
     float m[16], l[16], alpha[16], p[16][16];
     for (int64_t item = begin; item < end; ++item) {
-      // Causal: row block rb costs ~rb + 1 key blocks. Items alternate the first and the last
-      // row blocks (0, R-1, 1, R-2, ...), so the contiguous ranges the threads get cost the same.
       const int64_t h = item % num_heads, i = item / num_heads;
       const int64_t rb = i % 2 == 0 ? i / 2 : row_blocks - 1 - i / 2;
       const int64_t kv = h / group, r0 = rb * 16, rows = std::min<int64_t>(16, q_len - r0);
@@ -1564,7 +1627,19 @@ void prefill_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache
           store16(out + ((r0 + r) * num_heads + h) * head_dim + c * 16, _mm512_mul_ps(load16(o.data() + r * head_dim + c * 16), inv));
       }
     }
-  });
+  }
+};
+
+// One sequence, both phases spread over the threads: a long prompt's TTFT.
+void prefill_attention_bf16(const bf16* q, int64_t q_stride, const bf16* k_cache, const bf16* v_cache,
+                            const int64_t* table, int64_t q_len, int64_t context_len, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, bf16* out) {
+  std::vector<uint32_t> k_pairs;
+  std::vector<bf16> values;
+  PrefillSeq seq(q, q_stride, k_cache, v_cache, table, q_len, context_len, num_heads, num_kv_heads, head_dim,
+                 block_size, scale, out, k_pairs, values);
+  at::parallel_for(0, context_len, 64, [&](int64_t begin, int64_t end) { seq.gather(begin, end); });
+  at::parallel_for(0, seq.num_items(), 1, [&](int64_t begin, int64_t end) { seq.items(begin, end); });
 }
 
 at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -1583,6 +1658,79 @@ at::Tensor paged_prefill_attention(const at::Tensor& query, const at::Tensor& k_
                          table.data_ptr<int64_t>(), q.size(0), context_len, q.size(1), k_cache.size(2), q.size(2),
                          k_cache.size(1), static_cast<float>(scale), out.data_ptr<bf16>());
   return out;
+}
+
+// A step's prefill sequences in one call: with at least two per thread, each thread takes whole
+// sequences (contiguous ranges of about equal work, q_len x context_len), so one parallel region
+// replaces two per sequence and the per-sequence calls from Python (~45 sequences x 30 layers
+// in the rollout's first step); with fewer, each sequence spreads over the threads as above.
+// The same arithmetic per sequence either way, so the same bits.
+// seqs [B, 4] int64: (row of block_tables, first query row, q_len, context_len); out [T, H, D]
+// receives the sequences' rows, the others left as they are.
+void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seqs, double scale,
+                                   at::Tensor& out) {
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 &&
+              out.scalar_type() == at::kBFloat16);
+  const int64_t head_dim = query.size(2), num_heads = query.size(1);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (head_dim == 64 || head_dim == 128 || head_dim == 256),
+              "paged_prefill_attention_batch: head_dim 64, 128 or 256");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == query.sizes(), "paged_prefill_attention_batch: out [T, H, D]");
+  auto q = query.stride(2) == 1 && query.stride(1) == head_dim ? query : query.contiguous();
+  auto tables = block_tables.contiguous();
+  auto info = seqs.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && info.scalar_type() == at::kLong && info.dim() == 2 &&
+              info.size(1) == 4, "paged_prefill_attention_batch: int64 block_tables and seqs [B, 4]");
+  const int64_t count = info.size(0), max_blocks = tables.size(1), block_size = k_cache.size(1);
+  const int64_t* s = info.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
+    TORCH_CHECK(row >= 0 && row < tables.size(0) && start >= 0 && q_len >= 1 && start + q_len <= q.size(0) &&
+                context_len >= q_len && max_blocks * block_size >= context_len,
+                "paged_prefill_attention_batch: sequence ", i, " (table row ", row, ", rows ", start, "+", q_len,
+                ", context ", context_len, ") out of range");
+  }
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16 *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t q_stride = q.stride(0), kv_heads = k_cache.size(2);
+  auto run_one = [&](int64_t i, bool spread, std::vector<uint32_t>& k_pairs, std::vector<bf16>& values) {
+    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
+    const bf16* qs = qp + start * q_stride;
+    bf16* os = op + start * num_heads * head_dim;
+    if (spread) {
+      prefill_attention_bf16(qs, q_stride, kp, vp, tp + row * max_blocks, q_len, context_len, num_heads, kv_heads,
+                             head_dim, block_size, static_cast<float>(scale), os);
+      return;
+    }
+    PrefillSeq seq(qs, q_stride, kp, vp, tp + row * max_blocks, q_len, context_len, num_heads, kv_heads, head_dim,
+                   block_size, static_cast<float>(scale), os, k_pairs, values);
+    seq.gather(0, context_len);
+    seq.items(0, seq.num_items());
+  };
+  const int64_t threads = at::get_num_threads();
+  if (count < 2 * threads) {
+    std::vector<uint32_t> k_pairs;
+    std::vector<bf16> values;
+    for (int64_t i = 0; i < count; ++i) run_one(i, true, k_pairs, values);
+    return;
+  }
+  // contiguous ranges of sequences of about equal work
+  std::vector<int64_t> bounds(threads + 1, count);
+  bounds[0] = 0;
+  int64_t total = 0, done = 0, t = 1;
+  for (int64_t i = 0; i < count; ++i) total += s[4 * i + 2] * s[4 * i + 3];
+  for (int64_t i = 0; i < count && t < threads; ++i) {
+    done += s[4 * i + 2] * s[4 * i + 3];
+    while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<uint32_t> k_pairs;
+    std::vector<bf16> values;
+    for (int64_t r = first; r < last; ++r)
+      for (int64_t i = bounds[r]; i < bounds[r + 1]; ++i) run_one(i, false, k_pairs, values);
+  });
 }
 #endif
 
@@ -1680,6 +1828,8 @@ TORCH_LIBRARY(pinfer, m) {
 #if defined(__AVX512BF16__)
   m.def("paged_prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, "
         "float scale) -> Tensor", &paged_prefill_attention);
+  m.def("paged_prefill_attention_batch(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seqs, float scale, Tensor(a!) out) -> ()", &paged_prefill_attention_batch);
   m.def("bf16_gemm(Tensor x, Tensor packed, Tensor? bias) -> Tensor", &bf16_gemm);
 #endif
 #if defined(__AVX512VNNI__)

@@ -20,9 +20,10 @@ query's window, so the cost no longer grows with the context.
 
 On the CPU, decode runs pinfer's own kernel when it is loaded (kernels/cpu_ops.cpp): it reads
 the pages in place through the block table, so there is no gather and no mask, and computes
-in float32. Likewise bf16 prefill without a sliding window runs one sequence at a time
-through the kernel's flash-style prefill, so short prompts are no longer padded into one SDPA
-call either. examples/kernel_microbench.py times both against the SDPA path below, which is
+in float32. Likewise bf16 prefill without a sliding window runs the kernel's flash-style
+prefill, every prefill sequence of the step in one call per layer (whole sequences per thread
+when there are enough, else each spread over the threads), so short prompts are not padded
+into one SDPA call either. examples/kernel_microbench.py times both against the SDPA path below, which is
 the fallback and the reference.
 
 int8 pools (Int8KV): decode runs the kernel's int8 path (the rows read in place, the query
@@ -286,10 +287,10 @@ class PagedAttention(AttentionBackend):
 
         prefill_query_lens = [query_lens[i] for i in prefill]
         prefill_context_lens = [context_lens[i] for i in prefill]
-        # pinfer's prefill kernel (bf16, full attention) runs one sequence at a time, without padding.
+        # pinfer's prefill kernel (bf16, full attention): every prefill sequence in one call, unpadded.
         kernel = (self.prefill_mode == "auto" and window is None and kernels.usable(query)
                   and query.dtype == values_dtype(k_cache) == torch.bfloat16 and query.shape[-1] in (64, 128, 256)
-                  and kernels.has("paged_prefill_attention"))  # an AVX512-BF16 build
+                  and kernels.has("paged_prefill_attention_batch"))  # an AVX512-BF16 build
         padded = self.prefill_mode == "padded" or (
             self.prefill_mode == "auto" and not kernel and use_padded_prefill(prefill_query_lens, prefill_context_lens)
         )
@@ -324,15 +325,19 @@ class PagedAttention(AttentionBackend):
                     meta.step_cache[key] = own_pages(tables, prefill, context_lens, k_cache.shape[1])
                 ids, tables = meta.step_cache[key]
                 k_cache, v_cache = gather_blocks(k_cache, ids), gather_blocks(v_cache, ids)
+            if kernel:  # every prefill sequence in one call: (table row, first row, new tokens, context)
+                key = ("prefill_seqs", tuple(prefill))
+                if key not in meta.step_cache:
+                    meta.step_cache[key] = torch.tensor(
+                        [(i, starts[i], query_lens[i], context_lens[i]) for i in prefill], dtype=torch.long)
+                torch.ops.pinfer.paged_prefill_attention_batch(query, k_cache, v_cache, tables, meta.step_cache[key],
+                                                               scale, out)
+                return out
             for i in prefill:
                 start, end = starts[i], starts[i + 1]
-                if kernel:
-                    out[start:end] = torch.ops.pinfer.paged_prefill_attention(
-                        query[start:end], k_cache, v_cache, tables[i], context_lens[i], scale)
-                else:
-                    out[start:end] = prefill_one(
-                        query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
-                    )
+                out[start:end] = prefill_one(
+                    query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
+                )
         return out
 
     def _decode(
