@@ -178,6 +178,21 @@ def test_greedy_is_argmax(dtype):
     assert out.logprobs is None and out.top_token_ids is None and out.ranks is None
 
 
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_greedy_fast_path_gives_the_full_paths_tokens(use_kernels):
+    """Greedy rows without logprobs take the argmax of the logits as they are (bf16 here); with
+    logprobs wanted they go the whole way (float32 copy, scaling, cut-offs): the same tokens."""
+    from pinfer import kernels
+
+    logits = torch.randint(0, 30, (5, 49152), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with kernels.active(use_kernels):
+        fast = sampler(logits, SamplingBatch.from_lists(temperature=[0.0] * 5, top_k=[3] * 5))
+        full = sampler(logits, SamplingBatch.from_lists(temperature=[0.0] * 5, top_k=[3] * 5, num_logprobs=0))
+    assert fast.logprobs is None and full.logprobs is not None
+    assert torch.equal(fast.token_ids, full.token_ids)
+    assert torch.equal(fast.token_ids, logits.float().max(dim=-1).indices)  # the first maximum of many ties
+
+
 @pytest.mark.parametrize("vocab", [10, 1024, 2000, 49152])
 def test_argmax_is_the_first_maximum(vocab):
     gen = torch.Generator().manual_seed(vocab)

@@ -208,7 +208,8 @@ class Sampler:
     Batches that only sample with a temperature (no cut-offs, bans or penalties; RL rollouts)
     take a fused path: pinfer's CPU kernel where it is usable (kernels/), else with
     compile=True one torch.compile'd function. Both make the same tokens and ranks as the
-    eager path, and logprobs within float32 rounding.
+    eager path, and logprobs within float32 rounding. All-greedy batches without logprobs,
+    bans or penalties (batch-1 chat) take the argmax of the logits as they are.
     """
 
     def __init__(self, candidate_noise: bool = True, compile: bool = False) -> None:
@@ -217,6 +218,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == batch.num_rows, (logits.shape, batch.num_rows)
+        if batch.all_greedy and batch.num_logprobs < 0 and batch.banned_rows is None and batch.logit_bias is None:
+            # The first maximum of the logits as they are (no float32 copy: the conversion is
+            # exact): a greedy row has no temperature, and cut-offs never remove the maximum.
+            return SamplerOutput(_argmax(logits), None, None, None, None)
         use_kernel = kernels.usable(logits) and logits.is_contiguous()
         if (use_kernel or self._plain_random is not None) and _is_plain_random(batch):
             if use_kernel:
