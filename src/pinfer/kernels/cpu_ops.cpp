@@ -232,6 +232,22 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(c + offset, _MM_HINT_T1);
 }
 
+// Where threads contiguous ranges of items 0..count of about equal total cost(item) begin
+// and end: [threads + 1] bounds.
+template <typename Cost>
+std::vector<int64_t> equal_work_bounds(int64_t count, int64_t threads, Cost&& cost) {
+  int64_t total = 0;
+  for (int64_t item = 0; item < count; ++item) total += cost(item);
+  std::vector<int64_t> bounds(threads + 1, count);
+  bounds[0] = 0;
+  int64_t done = 0, t = 1;
+  for (int64_t item = 0; item < count && t < threads; ++item) {
+    done += cost(item);
+    while (t < threads && done * threads >= total * t) bounds[t++] = item + 1;
+  }
+  return bounds;
+}
+
 // The batch's work items and where each reads. An item is one sequence's span of kv heads: all
 // of them when there are enough sequences to keep the threads busy, so each position's K/V row
 // is read whole and in order (the heads of a position are adjacent in the pool); else one kv
@@ -269,15 +285,8 @@ struct DecodeItems {
   void parallel_ranges(Fn&& fn) const {
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
     constexpr int64_t kItemCost = 16;  // positions' worth: the query rows, softmax setup, row lists
-    int64_t total = 0;
-    for (int64_t item = 0; item < count; ++item) total += positions(item).second + kItemCost;
-    std::vector<int64_t> bounds(threads + 1, count);
-    bounds[0] = 0;
-    int64_t done = 0, t = 1;
-    for (int64_t item = 0; item < count && t < threads; ++item) {
-      done += positions(item).second + kItemCost;
-      while (t < threads && done * threads >= total * t) bounds[t++] = item + 1;
-    }
+    const std::vector<int64_t> bounds =
+        equal_work_bounds(count, threads, [&](int64_t item) { return positions(item).second + kItemCost; });
     at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) fn(bounds[r], bounds[r + 1]);
     });
@@ -1572,6 +1581,8 @@ struct PrefillSeq {
     std::vector<float> o(16 * head_dim);
     float m[16], l[16], alpha[16], p[16][16];
     for (int64_t item = begin; item < end; ++item) {
+      // Causal: row block rb costs ~rb + 1 key blocks. Items alternate the first and the last
+      // row blocks (0, R-1, 1, R-2, ...), so the contiguous ranges the threads get cost the same.
       const int64_t h = item % num_heads, i = item / num_heads;
       const int64_t rb = i % 2 == 0 ? i / 2 : row_blocks - 1 - i / 2;
       const int64_t kv = h / group, r0 = rb * 16, rows = std::min<int64_t>(16, q_len - r0);
@@ -1716,15 +1727,8 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
     for (int64_t i = 0; i < count; ++i) run_one(i, true, k_pairs, values);
     return;
   }
-  // contiguous ranges of sequences of about equal work
-  std::vector<int64_t> bounds(threads + 1, count);
-  bounds[0] = 0;
-  int64_t total = 0, done = 0, t = 1;
-  for (int64_t i = 0; i < count; ++i) total += s[4 * i + 2] * s[4 * i + 3];
-  for (int64_t i = 0; i < count && t < threads; ++i) {
-    done += s[4 * i + 2] * s[4 * i + 3];
-    while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
-  }
+  const std::vector<int64_t> bounds =
+      equal_work_bounds(count, threads, [&](int64_t i) { return s[4 * i + 2] * s[4 * i + 3]; });
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     std::vector<uint32_t> k_pairs;
     std::vector<bf16> values;
