@@ -190,5 +190,6 @@ def report(lines: list[str], regions: torch.Tensor, phases: PhaseTimes, steps: i
     for label, seconds in phases.seconds.most_common():
         print(f"  {label:36s} {1000 * seconds / steps:7.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -313,15 +313,16 @@ struct ItemRows {
     k.resize(n), v.resize(n);
     k_scale.resize(k_scales ? n : 0), v_scale.resize(k_scales ? n : 0);
     row_bytes = items.span * items.head_dim * static_cast<int64_t>(sizeof(E));
-    // block by block: one division for the first position, none per position
+    // block by block: the divisions of a pool offset once per block, not once per position
+    const int64_t scale_stride = items.token_stride / items.head_dim;  // a position's scales: one per kv head
     int64_t t = 0;
     for (int64_t pos = first; t < n;) {
-      int64_t offset = items.pool_offset(item, pos);
+      int64_t offset = items.pool_offset(item, pos), scale_offset = offset / items.head_dim;
       const int64_t in_block = std::min(n - t, items.block_size - pos % items.block_size);
-      for (int64_t i = 0; i < in_block; ++i, ++t, offset += items.token_stride) {
+      for (int64_t i = 0; i < in_block; ++i, ++t, offset += items.token_stride, scale_offset += scale_stride) {
         k[t] = reinterpret_cast<const char*>(k_cache + offset);
         v[t] = reinterpret_cast<const char*>(v_cache + offset);
-        if (k_scales) k_scale[t] = k_scales + offset / items.head_dim, v_scale[t] = v_scales + offset / items.head_dim;
+        if (k_scales) k_scale[t] = k_scales + scale_offset, v_scale[t] = v_scales + scale_offset;
       }
       pos += in_block;
     }

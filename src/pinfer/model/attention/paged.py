@@ -23,8 +23,8 @@ the pages in place through the block table, so there is no gather and no mask, a
 in float32. Likewise bf16 prefill without a sliding window runs the kernel's flash-style
 prefill, every prefill sequence of the step in one call per layer (whole sequences per thread
 when there are enough, else each spread over the threads), so short prompts are not padded
-into one SDPA call either. examples/kernel_microbench.py times both against the SDPA path below, which is
-the fallback and the reference.
+into one SDPA call either. examples/kernel_microbench.py times both against the SDPA path
+below, which is the fallback and the reference.
 
 int8 pools (Int8KV): decode runs the kernel's int8 path (the rows read in place, the query
 quantized per row), else the gather dequantizes; prefill reads dequantized pages (the prefill
