@@ -93,6 +93,13 @@ def prefill(length: int) -> str:
     return f"prefill attention, {length} tokens: SDPA (is_causal) {ref:.3f}, kernel {own:.3f}"
 
 
+def swiglu(rows: int) -> str:
+    gate_up = torch.randn(rows, 2 * 1536).to(DTYPE)  # SmolLM2's gate_up output
+    ref = best_ms(lambda: torch.nn.functional.silu(gate_up[:, :1536]) * gate_up[:, 1536:], 50)
+    own = best_ms(lambda: torch.ops.pinfer.silu_mul(gate_up), 50)
+    return f"SwiGLU silu(gate) * up, {rows} x 1536: PyTorch {ref:.3f}, kernel {own:.3f}"
+
+
 def sampler(rows: int) -> str:
     # a long lower tail, as SmolLM2's logits have: ~40% of the tokens within reach of the top
     # (19.5 at T=1), the ones the kernel gives noise
@@ -199,7 +206,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"ms per call, minimum of repeats, {torch.get_num_threads()} threads, {DTYPE}")
     matrices = smollm2_int8_matrices()
-    for line in (decode(64, 60, 190), decode_from_memory(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37), sampler(64),
+    for line in (decode(64, 60, 190), decode_from_memory(64, 60, 190), decode(1, 100, 100), prefill(1002), prefill(37),
+                 swiglu(64), swiglu(2048), sampler(64),
                  int8_batch1(matrices), int8_batch64(matrices), int4_matmuls(1), int4_matmuls(64), bf16_matmuls(1),
                  bf16_matmuls(64)):
         print(" ", line)

@@ -342,7 +342,7 @@ struct ItemRows {
 // are span * D * 2 bytes, 6 lines a position for SmolLM2 at B=64 (span 3): its Q.K's 9 rows
 // and P.V's 3 heads fetch 9 * 8 / 16 + 3 = 7.5 lines a position, a next item as long as this
 // one. Measured (examples/kernel_microbench.py's pools from memory, B=64, 60-190 positions,
-// bf16, min of 6 runs): 12 + 0 (Q.K only) 0.41 ms a layer, 8 + 1 0.36, 4 + 1 0.35, 8 + 2 0.36.
+// bf16, min of 4-6 runs): 12 + 0 (Q.K only) 0.41 ms a layer, 8 + 1 0.36, 4 + 1 0.35, 8 + 2 0.36.
 constexpr int kNextItemLinesPerChunk = 8;
 constexpr int kNextItemLinesPerValueRow = 1;
 
@@ -1016,7 +1016,8 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
       T* o = out + r * width;
       int64_t d = 0;
       // four vectors at a time, their exps first, so that the calls' latencies overlap:
-      // 0.060 -> 0.043 ms for SmolLM2's [64, 3072] (examples/kernel_microbench.py's shapes)
+      // 0.060 -> 0.043 ms for SmolLM2's [64, 3072] (the minimum of repeated calls, as
+      // examples/kernel_microbench.py's SwiGLU line times it)
       for (; d + 64 <= width; d += 64) {
         __m512 g[4], e[4];
         for (int i = 0; i < 4; ++i) g[i] = load16(gate + d + 16 * i);
