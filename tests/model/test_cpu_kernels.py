@@ -190,6 +190,44 @@ def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows, in_features, 
         assert linear.qweight_vnni.numel() == (in_features * out_features if out_features % 16 == 0 else 0)
 
 
+@pytest.fixture
+def amx():
+    """The GEMMs' AMX path (int8 16+ rows, bf16 8+, K in 64-byte chunks), as it was after the test."""
+    if not {"amx_int8", "amx_bf16", "amx_tile"} <= _cpu_flags():
+        pytest.skip("no AMX on this CPU: the GEMMs run on AVX-512 only (tested above)")
+    assert torch.ops.pinfer.use_amx(True), "the CPU has AMX but Linux did not grant its tile state"
+    yield
+    torch.ops.pinfer.use_amx(kernels.uses_amx())
+
+
+# 8: bf16's first AMX size; 16: one row tile; 17, 33: padded row tiles; 200: a panel of 192 and a partial one; 48 outputs:
+# a thread's odd block; K 64: one chunk
+@pytest.mark.parametrize("rows", [8, 16, 17, 33, 64, 200])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (64, 48)])
+def test_amx_gemms_are_the_avx512_gemms(amx, rows, in_features, out_features):
+    """int8: the same exact int32 sums, so the same bits; bf16: float32 sums in another order,
+    so at most one bf16 rounding apart, and as close to the exact product."""
+    torch.manual_seed(0)
+    w8 = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    packed8 = kernels.pack_for_gemm(w8).contiguous()
+    sums, w_scale = w8.sum(1, dtype=torch.int32), torch.rand(out_features)
+    w16 = (torch.randn(out_features, in_features) * 0.05).to(torch.bfloat16)
+    packed16 = kernels.pack_for_gemm(w16).contiguous()
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    bias = torch.randn(out_features)
+    outputs = {}
+    for on in (True, False):
+        torch.ops.pinfer.use_amx(on)
+        outputs[on] = (torch.ops.pinfer.int8_gemm(x, packed8, sums, w_scale),
+                       torch.ops.pinfer.bf16_gemm(x, packed16, bias))
+    assert torch.equal(outputs[True][0], outputs[False][0])
+    amx_out, avx_out = outputs[True][1].float(), outputs[False][1].float()
+    ulp = torch.finfo(torch.bfloat16).eps * avx_out.abs().clamp(min=1e-3)
+    assert ((amx_out - avx_out).abs() <= ulp).all()
+    exact = x.double() @ w16.double().t() + bias.double()
+    assert (amx_out.double() - exact).abs().max() <= (avx_out.double() - exact).abs().max() * 1.01 + 1e-6
+
+
 def test_int8_packed_copy_follows_partial_row_updates():
     """A weight update of some rows (a TP shard, a fused qkv part) repacks the blocks it touches."""
     from pinfer.model.quantization import Int8Linear

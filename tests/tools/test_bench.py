@@ -113,7 +113,7 @@ def test_tiny_real_bench_writes_consistent_json_and_a_png(tmp_path, no_rapl, cap
     assert "CPU-s/tok" in out.splitlines()[0] and "smollm2-135m | float32" in out
 
     doc = json.loads(json_path.read_text())
-    assert {"cpu_model", "logical_cpus", "torch"} <= doc["machine"].keys()
+    assert {"cpu_model", "cpu_matrix_isa", "logical_cpus", "torch"} <= doc["machine"].keys()
     assert doc["energy"]["source"] == "cpu_time"
     (config,) = doc["configurations"]
     result = config["result"]

@@ -2,7 +2,9 @@
 residual add, in-place RoPE, SwiGLU, the KV store, paged decode (bf16, float32 and int8 pools)
 and (bf16) prefill attention,
 the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
-vdpbf16ps (bf16), and a decode step's whole decoder stack in one call (model/fused_decode.py).
+vdpbf16ps (bf16), which is also the operand layout of AMX's tile instructions (used from 8-16
+rows where the CPU has them; PINFER_AMX=0 turns them off), and a decode step's whole decoder
+stack in one call (model/fused_decode.py).
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
@@ -83,8 +85,15 @@ def load() -> bool:
     if not torch.ops.pinfer.available():
         _state["reason"] = "this CPU has no AVX-512"
         return False
+    # AMX tiles for the GEMMs where the CPU has them (and Linux grants them); PINFER_AMX=0: AVX-512 only
+    _state["amx"] = torch.ops.pinfer.use_amx(os.environ.get("PINFER_AMX", "1") != "0")
     _state["loaded"], _state["reason"] = True, "loaded"
     return True
+
+
+def uses_amx() -> bool:
+    """Whether the GEMMs run on AMX tiles (from 8-16 rows; Sapphire Rapids and later)."""
+    return bool(_state.get("amx", False))
 
 
 def _build_or_load() -> None:

@@ -13,12 +13,14 @@
 //
 // Built with -march=native by kernels/__init__.py, once per machine; without AVX-512
 // the file still compiles and available() says false, and the engine keeps the PyTorch path.
+// Where the CPU has AMX (Sapphire Rapids and later), the GEMMs run on its tiles from 8-16 rows.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,6 +30,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define PINFER_AVX512 1
 #else
 #define PINFER_AVX512 0
@@ -1254,10 +1258,14 @@ void packed_dots_rows(int nr, const uint8_t* x, int64_t x_stride, const uint8_t*
 // prefetch) computes one tile. prefetch: the next tile's columns (block_bytes each), handed to
 // the first row-tile of each panel, which streams them into L2 while this tile's are in use
 // (the weights come from memory at every step).
-template <class Tile>
+// ThreadScope: constructed on each thread before its tiles, destroyed after (AMX's tile
+// configuration, which is per thread and which oneDNN's kernels change between our calls).
+struct NoThreadScope {};
+template <class ThreadScope = NoThreadScope, class Tile>
 void gemm_tiles(int64_t m_dim, int64_t n_blocks, int tile_rows, int tile_blocks, const uint8_t* w,
                 int64_t block_bytes, const Tile& tile) {
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    [[maybe_unused]] ThreadScope scope;
     for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
       const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
       for (int64_t nb = begin; nb < end; nb += tile_blocks) {
@@ -1301,6 +1309,128 @@ void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t per_lan
               ": weight packed for K = ", packed.size(1) * per_lane, ", input has K = ", x.size(1));
 }
 
+// ---- the same GEMMs on AMX tiles (Sapphire Rapids and later) ---------------------------------
+// Eight tile registers of 16 rows x 64 bytes. One TDPBUSD (int8) or TDPBF16PS (bf16) multiplies
+// a tile of 16 input rows x 64 bytes of k (64 int8 / 32 bf16 values) by a tile of the packed
+// weight, and the packing above is already that instruction's second operand: 16 groups of P
+// k's for 16 columns are 1,024 contiguous bytes, so no repacking. Register tile: 2 x 16 rows x
+// 2 blocks of 16 columns (4 accumulator tiles, 2 input, 2 weight), through gemm_tiles like the
+// AVX-512 kernel, and the same epilogues. The sums are the same (exact int32 for int8; bf16
+// products summed in float32, in another order than vdpbf16ps's). Input rows are padded to a
+// multiple of 16 (the pad rows' outputs are dropped). Used from 16 rows for int8 and 8 for bf16
+// (examples/kernel_microbench.py's crossovers): below, the weights' read rate bounds both
+// kernels and the AVX-512 one needs no padding.
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__linux__)
+#define PINFER_AMX 1
+constexpr int kAmxTileRows = 32, kAmxTileBlocks = 2;
+constexpr int64_t kAmxChunkBytes = 64, kAmxWeightTileBytes = 16 * 64;
+
+std::atomic<bool> amx_allowed{true};
+
+// Linux hands a process the AMX register state only on request (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA, which oneDNN makes too); without it the first tile instruction faults.
+bool amx_ready() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted && amx_allowed.load(std::memory_order_relaxed);
+}
+
+bool amx_fits(int64_t m_dim, int64_t k_bytes, int64_t min_rows) {
+  return m_dim >= min_rows && k_bytes % kAmxChunkBytes == 0 && amx_ready();
+}
+
+// every tile 16 rows x 64 bytes (palette 1)
+struct AmxThreadScope {
+  AmxThreadScope() {
+    alignas(64) uint8_t config[64] = {};
+    config[0] = 1;
+    for (int t = 0; t < 8; ++t) {
+      config[16 + 2 * t] = 64;  // bytes per row
+      config[48 + t] = 16;      // rows
+    }
+    _tile_loadconfig(config);
+  }
+  ~AmxThreadScope() { _tile_release(); }
+};
+
+struct AmxInt8 {};
+struct AmxBf16 {};
+// GCC's tile intrinsics paste their operands into the instruction text: literal numbers only
+#define PINFER_TILE_DOT(KIND, C, A, B)                   \
+  if constexpr (std::is_same_v<KIND, AmxInt8>) {        \
+    _tile_dpbusd(C, A, B);                               \
+  } else {                                               \
+    _tile_dpbf16ps(C, A, B);                             \
+  }
+
+// tiles 0-3 accumulate (row tile i, block j) at 2i + j, 4-5 hold input rows, 6-7 weight blocks
+template <class Kind, int MT, int NT>
+__attribute__((noinline)) void amx_dots(const uint8_t* x, int64_t x_stride, const uint8_t* w, int64_t block_bytes,
+                                        int64_t chunks, const uint8_t* prefetch, uint8_t* dots) {
+  _tile_zero(0);
+  if constexpr (NT > 1) _tile_zero(1);
+  if constexpr (MT > 1) _tile_zero(2);
+  if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(6, w + c * kAmxWeightTileBytes, 64);
+    if constexpr (NT > 1) _tile_loadd(7, w + block_bytes + c * kAmxWeightTileBytes, 64);
+    _tile_loadd(4, x + c * kAmxChunkBytes, x_stride);
+    if constexpr (MT > 1) _tile_loadd(5, x + 16 * x_stride + c * kAmxChunkBytes, x_stride);
+    if (prefetch != nullptr)
+      for (int j = 0; j < NT; ++j)
+        for (int64_t line = 0; line < kAmxWeightTileBytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + c * kAmxWeightTileBytes + line),
+                       _MM_HINT_T1);
+    PINFER_TILE_DOT(Kind, 0, 4, 6)
+    if constexpr (NT > 1) { PINFER_TILE_DOT(Kind, 1, 4, 7) }
+    if constexpr (MT > 1) { PINFER_TILE_DOT(Kind, 2, 5, 6) }
+    if constexpr (MT > 1 && NT > 1) { PINFER_TILE_DOT(Kind, 3, 5, 7) }
+  }
+  // into the epilogue's [rows][blocks][64 bytes]
+  const int64_t row_bytes = NT * 64, second = 16 * row_bytes;
+  _tile_stored(0, dots, row_bytes);
+  if constexpr (NT > 1) _tile_stored(1, dots + 64, row_bytes);
+  if constexpr (MT > 1) _tile_stored(2, dots + second, row_bytes);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, dots + second + 64, row_bytes);
+}
+
+// packed_gemm on tiles; x has rows up to the next multiple of 16 (readable, any values)
+template <class Kind, class Epilogue>
+void amx_gemm(const uint8_t* x, int64_t m_dim, int64_t x_stride, const uint8_t* w, int64_t n_blocks,
+              int64_t chunks, const Epilogue& epilogue) {
+  const int64_t block_bytes = chunks * kAmxWeightTileBytes;
+  gemm_tiles<AmxThreadScope>(
+      m_dim, n_blocks, kAmxTileRows, kAmxTileBlocks, w, block_bytes,
+      [&](int64_t i, int mr, int64_t nb, int nr, const uint8_t* prefetch) {
+        alignas(64) uint8_t dots[kAmxTileRows * kAmxTileBlocks * 64];
+        const uint8_t* xi = x + i * x_stride;
+        const uint8_t* wb = w + nb * block_bytes;
+        if (mr > 16) {
+          if (nr > 1) amx_dots<Kind, 2, 2>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
+          else amx_dots<Kind, 2, 1>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
+        } else {
+          if (nr > 1) amx_dots<Kind, 1, 2>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
+          else amx_dots<Kind, 1, 1>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
+        }
+        epilogue(i, mr, nb, nr, dots);
+      });
+}
+
+int64_t amx_padded_rows(int64_t m_dim) { return (m_dim + 15) / 16 * 16; }
+#else
+#define PINFER_AMX 0
+bool amx_fits(int64_t, int64_t, int64_t) { return false; }
+#endif
+
+// Whether the GEMMs may use AMX (tests compare both paths); returns whether they can now.
+bool use_amx(bool allow) {
+#if PINFER_AMX
+  amx_allowed = allow;
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 #if defined(__AVX512VNNI__)
 // int8: vpdpbusd multiplies unsigned by signed bytes, so the input goes in as xq + 128 and
 // 128 * sum(w) comes off (Int8Linear.qweight_sums) before the rescale.
@@ -1324,7 +1454,14 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
   TORCH_CHECK(packed.scalar_type() == at::kChar && w_sums.numel() == n_dim && w_scale.numel() == n_dim &&
               w_scale.scalar_type() == at::kFloat);
-  auto xu = at::empty({m_dim, k_dim}, x.options().dtype(at::kByte));
+  const bool amx = amx_fits(m_dim, k_dim, 16);
+#if PINFER_AMX
+  const int64_t x_rows = amx ? amx_padded_rows(m_dim) : m_dim;
+#else
+  const int64_t x_rows = m_dim;
+#endif
+  auto xu = at::empty({x_rows, k_dim}, x.options().dtype(at::kByte));
+  if (x_rows > m_dim) xu.narrow(0, m_dim, x_rows - m_dim).zero_();
   auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));
   auto out = at::empty({m_dim, n_dim}, x.options());
   PINFER_DISPATCH(x.scalar_type(), "int8_gemm", [&] {
@@ -1351,8 +1488,14 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
         }
       }
     };
-    packed_gemm<Int8Dot>(xup, m_dim, k_dim, reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>()), n_blocks,
-                         k_dim / 4, epilogue);
+    const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>());
+#if PINFER_AMX
+    if (amx) {
+      amx_gemm<AmxInt8>(xup, m_dim, k_dim, w, n_blocks, k_dim / kAmxChunkBytes, epilogue);
+      return;
+    }
+#endif
+    packed_gemm<Int8Dot>(xup, m_dim, k_dim, w, n_blocks, k_dim / 4, epilogue);
   });
   return out;
 }
@@ -1511,8 +1654,21 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::o
         store16(op + (row + i) * n_dim + n, v);
       }
   };
-  packed_gemm<Bf16Dot>(reinterpret_cast<const uint8_t*>(x.data_ptr<bf16>()), m_dim, k_dim * 2,
-                       reinterpret_cast<const uint8_t*>(packed.data_ptr<bf16>()), n_blocks, k_dim / 2, epilogue);
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<bf16>());
+#if PINFER_AMX
+  if (amx_fits(m_dim, k_dim * 2, 8)) {
+    at::Tensor rows = x;
+    if (amx_padded_rows(m_dim) > m_dim) {
+      rows = at::zeros({amx_padded_rows(m_dim), k_dim}, x.options());
+      rows.narrow(0, 0, m_dim).copy_(x);
+    }
+    amx_gemm<AmxBf16>(reinterpret_cast<const uint8_t*>(rows.data_ptr<bf16>()), m_dim, k_dim * 2, w, n_blocks,
+                      k_dim * 2 / kAmxChunkBytes, epilogue);
+    return out;
+  }
+#endif
+  packed_gemm<Bf16Dot>(reinterpret_cast<const uint8_t*>(x.data_ptr<bf16>()), m_dim, k_dim * 2, w, n_blocks,
+                       k_dim / 2, epilogue);
   return out;
 }
 #endif
@@ -1816,6 +1972,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
 TORCH_LIBRARY(pinfer, m) {
   m.def("available() -> bool", &available);
 #if PINFER_AVX512
+  m.def("use_amx(bool allow) -> bool", &use_amx);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
   m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);

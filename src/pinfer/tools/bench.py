@@ -185,7 +185,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     vm = ", virtual machine" if machine["virtual_machine"] else ""
     print(format_table(rows, energy=args.energy, rapl=rapl), file=out)
     load = f"; load average {machine['load_average'][0]:.2f} at start" if machine["load_average"] else ""
-    print(f"{machine['cpu_model']}, {machine['usable_cpus']} usable CPUs{vm}; torch {machine['torch']}{load}", file=out)
+    print(f"{machine['cpu_model']} ({machine['cpu_matrix_isa']}), {machine['usable_cpus']} usable CPUs{vm}; "
+          f"torch {machine['torch']}{load}", file=out)
     if args.energy and not rapl:
         print("energy: no readable RAPL, so CPU-s/tok (process CPU time, all threads) instead of joules", file=out)
     if args.json == "-":

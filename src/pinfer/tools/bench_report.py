@@ -19,6 +19,7 @@ def describe_machine() -> dict[str, Any]:
     physical = set(_core_ids(cpuinfo))  # distinct (physical id, core id) pairs
     return {
         "cpu_model": models[0] if models else platform.processor() or platform.machine(),
+        "cpu_matrix_isa": _matrix_isa(cpuinfo),
         "logical_cpus": os.cpu_count(),
         "physical_cores": len(physical) or None,
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -38,6 +39,16 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError:
         return ""
+
+
+# the instruction sets that decide the GEMMs' speed (the same model name can come with or without AMX)
+_MATRIX_FLAGS = {"avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_bf16": "AMX-BF16",
+                 "amx_int8": "AMX-INT8"}
+
+
+def _matrix_isa(cpuinfo: str) -> str:
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return " ".join(name for flag, name in _MATRIX_FLAGS.items() if flag in flags) or "none of AVX-512/AMX"
 
 
 def _core_ids(cpuinfo: str) -> list[str]:

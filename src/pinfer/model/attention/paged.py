@@ -23,8 +23,9 @@ the pages in place through the block table, so there is no gather and no mask, a
 in float32. Likewise bf16 prefill without a sliding window runs the kernel's flash-style
 prefill, every prefill sequence of the step in one call per layer (whole sequences per thread
 when there are enough, else each spread over the threads), so short prompts are not padded
-into one SDPA call either. examples/kernel_microbench.py times both against the SDPA path
-below, which is the fallback and the reference.
+into one SDPA call either; on a CPU with AMX, prompts of SDPA_FROM_TOKENS or more go to SDPA,
+whose flash kernel runs on oneDNN's tiles there. examples/kernel_microbench.py times both
+against the SDPA path below, which is the fallback and the reference.
 
 int8 pools (Int8KV): decode runs the kernel's int8 path (the rows read in place, the query
 quantized per row), else the gather dequantizes; prefill reads dequantized pages (the prefill
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 
 from pinfer import kernels
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, Int8KV, KVPool, gather_blocks, values_dtype
+
+# AMX CPUs: prefill sequences this long run SDPA instead of the kernel (measured crossover ~64-96)
+SDPA_FROM_TOKENS = 96
 
 
 def decode_blocks(max_context_len: int, block_size: int, sliding_window: int | None) -> int:
@@ -316,24 +320,26 @@ class PagedAttention(AttentionBackend):
             out[(starts[:, None] + t)[is_real]] = result[is_real]
         else:
             starts = [0, *accumulate(query_lens)]
-            tables = meta.block_tables
-            if kernel and isinstance(k_cache, Int8KV):
-                # The kernel reads bf16 pages: the prefill sequences' pages dequantized in one gather
-                # per pool, and their tables renumbered into it.
-                key = ("int8_prefill_pages", tuple(prefill))
-                if key not in meta.step_cache:
-                    meta.step_cache[key] = own_pages(tables, prefill, context_lens, k_cache.shape[1])
-                ids, tables = meta.step_cache[key]
-                k_cache, v_cache = gather_blocks(k_cache, ids), gather_blocks(v_cache, ids)
-            if kernel:  # every prefill sequence in one call: (table row, first row, new tokens, context)
-                key = ("prefill_seqs", tuple(prefill))
+            # Where the CPU has AMX, SDPA's flash kernel (oneDNN's tiles) beats pinfer's on longer
+            # prompts (examples/kernel_microbench.py: 64 tokens even, 128 1.7x, 1,002 3.4x).
+            by_kernel = [i for i in prefill if kernel and not (kernels.uses_amx() and query_lens[i] >= SDPA_FROM_TOKENS)]
+            if by_kernel:  # every such sequence in one call: (table row, first row, new tokens, context)
+                tables, k_pages, v_pages = meta.block_tables, k_cache, v_cache
+                if isinstance(k_cache, Int8KV):
+                    # The kernel reads bf16 pages: the sequences' pages dequantized in one gather per
+                    # pool, and their tables renumbered into it.
+                    key = ("int8_prefill_pages", tuple(by_kernel))
+                    if key not in meta.step_cache:
+                        meta.step_cache[key] = own_pages(tables, by_kernel, context_lens, k_cache.shape[1])
+                    ids, tables = meta.step_cache[key]
+                    k_pages, v_pages = gather_blocks(k_cache, ids), gather_blocks(v_cache, ids)
+                key = ("prefill_seqs", tuple(by_kernel))
                 if key not in meta.step_cache:
                     meta.step_cache[key] = torch.tensor(
-                        [(i, starts[i], query_lens[i], context_lens[i]) for i in prefill], dtype=torch.long)
-                torch.ops.pinfer.paged_prefill_attention_batch(query, k_cache, v_cache, tables, meta.step_cache[key],
+                        [(i, starts[i], query_lens[i], context_lens[i]) for i in by_kernel], dtype=torch.long)
+                torch.ops.pinfer.paged_prefill_attention_batch(query, k_pages, v_pages, tables, meta.step_cache[key],
                                                                scale, out)
-                return out
-            for i in prefill:
+            for i in sorted(set(prefill) - set(by_kernel)):
                 start, end = starts[i], starts[i + 1]
                 out[start:end] = prefill_one(
                     query[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale, window
