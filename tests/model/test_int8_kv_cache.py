@@ -191,7 +191,11 @@ def test_smollm2_int8_kv_cache_holds_twice_the_tokens_and_keeps_the_logprobs(
 
 def test_smollm2_int8_kv_cache_generates_and_survives_sleep(smollm2_gguf) -> None:
     llm = LLM(str(smollm2_gguf), dtype="bfloat16", kv_cache_memory="32MiB", kv_cache_dtype="int8")
-    prompt = llm.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    # "Answer in one sentence": without it the first token is a near-tie ("The" leads "L'" by 0.08
+    # in float32, less than one bf16 step of the logits), which one rounding of the bf16 GEMMs
+    # (AMX vs AVX-512) or of the int8 cache flips
+    question = "What is the capital of France? Answer in one sentence."
+    prompt = llm.apply_chat_template([{"role": "user", "content": question}])
     params = SamplingParams(max_tokens=12, temperature=0)
     first = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     assert "Paris" in first.text
