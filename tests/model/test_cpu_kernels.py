@@ -200,8 +200,8 @@ def amx():
     torch.ops.pinfer.use_amx(kernels.uses_amx())
 
 
-# 8: bf16's first AMX size; 16: one row tile; 17, 33: padded row tiles; 200: a panel of 192 and a partial one; 48 outputs:
-# a thread's odd block; K 64: one chunk
+# 8: bf16's first AMX size; 16: one row tile; 17, 33: padded row tiles; 200: a panel of 192 and
+# a partial one; 48 outputs: a thread's odd block; K 64: one chunk
 @pytest.mark.parametrize("rows", [8, 16, 17, 33, 64, 200])
 @pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (64, 48)])
 def test_amx_gemms_are_the_avx512_gemms(amx, rows, in_features, out_features):

@@ -113,29 +113,31 @@ def test_tiny_serve_bench_streams_every_token_through_a_real_server(tmp_path, no
     assert rows[1]["not_applicable"] and rows[0]["ttft_p99_ms"] == pytest.approx(run["ttft_s_p99"] * 1e3)
 
 
-def test_a_failed_served_run_reports_the_end_of_the_servers_log(monkeypatch):
-    """The server's log lives in a folder that goes with the run: its last lines come with the error."""
+def test_a_failed_served_run_reports_the_end_of_the_servers_log(monkeypatch, capsys):
+    """The server's log lives in a folder that goes with the run: its last line comes with the
+    error (one line, for the table), its last lines on stderr."""
+    import sys
+
     from pinfer.tools import bench_worker
+    from pinfer.tools.bench_serve import ServerProcess
     from pinfer.tools.workloads import make_workload
 
-    class CrashedServer:
-        base_url, start_seconds = "http://127.0.0.1:1", 0.1
-
-        def __init__(self, log_path):
-            log_path.write_text("loading model\nGGML_ASSERT(n_tokens <= n_batch) failed\n")
-
-    class Runner:
+    class Runner:  # a server that logged its reason and exited
         def __init__(self, spec, log_path, workload):
-            self.server = CrashedServer(log_path)
+            script = "print('loading model'); print('GGML_ASSERT(n_tokens <= n_batch) failed')"
+            self.server = ServerProcess([sys.executable, "-c", script], log_path)
+            self.server.proc.wait()
+            self.server.base_url, self.server.start_seconds = "http://127.0.0.1:1", 0.1  # as if it had started
 
         def run(self, workload):
             raise ConnectionError("Server disconnected without sending a response.")
 
         def close(self):
-            return -6
+            return self.server.stop()
 
     monkeypatch.setattr(bench_worker, "start_serve_runner", Runner)
     with pytest.raises(RuntimeError) as error:
         bench_worker.bench_served_workload({"repeats": 1, "warmup_max_tokens": 0}, make_workload("serve"))
-    assert "ConnectionError: Server disconnected" in str(error.value)
-    assert str(error.value).endswith("the server's log ends:\nloading model\nGGML_ASSERT(n_tokens <= n_batch) failed")
+    assert str(error.value) == ("ConnectionError: Server disconnected without sending a response.: "
+                                "GGML_ASSERT(n_tokens <= n_batch) failed")
+    assert "loading model\n    GGML_ASSERT(n_tokens <= n_batch) failed" in capsys.readouterr().err

@@ -1320,6 +1320,8 @@ void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t per_lan
 // multiple of 16 (the pad rows' outputs are dropped). Used from 16 rows for int8 and 8 for bf16
 // (examples/kernel_microbench.py's crossovers): below, the weights' read rate bounds both
 // kernels and the AVX-512 one needs no padding.
+int64_t amx_padded_rows(int64_t m_dim) { return (m_dim + 15) / 16 * 16; }
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__linux__)
 #define PINFER_AMX 1
 constexpr int kAmxTileRows = 32, kAmxTileBlocks = 2;
@@ -1415,7 +1417,6 @@ void amx_gemm(const uint8_t* x, int64_t m_dim, int64_t x_stride, const uint8_t* 
       });
 }
 
-int64_t amx_padded_rows(int64_t m_dim) { return (m_dim + 15) / 16 * 16; }
 #else
 #define PINFER_AMX 0
 bool amx_fits(int64_t, int64_t, int64_t) { return false; }
@@ -1455,11 +1456,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(packed.scalar_type() == at::kChar && w_sums.numel() == n_dim && w_scale.numel() == n_dim &&
               w_scale.scalar_type() == at::kFloat);
   const bool amx = amx_fits(m_dim, k_dim, 16);
-#if PINFER_AMX
   const int64_t x_rows = amx ? amx_padded_rows(m_dim) : m_dim;
-#else
-  const int64_t x_rows = m_dim;
-#endif
   auto xu = at::empty({x_rows, k_dim}, x.options().dtype(at::kByte));
   if (x_rows > m_dim) xu.narrow(0, m_dim, x_rows - m_dim).zero_();
   auto x_scale = at::empty({m_dim}, x.options().dtype(at::kFloat));

@@ -149,7 +149,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self._fail(f"the server exited with code {self.proc.returncode} before it was ready")
+                raise self.failure(f"the server exited with code {self.proc.returncode} before it was ready")
             if self.base_url is None:
                 match = self.url_pattern.search(self.log_text())
                 self.base_url = match.group(1) if match else None
@@ -158,12 +158,13 @@ class ServerProcess:
                 return self
             time.sleep(0.2)
         self.stop()
-        self._fail(f"the server was not ready after {timeout:.0f} s")
+        raise self.failure(f"the server was not ready after {timeout:.0f} s")
 
-    def _fail(self, message: str) -> None:
+    def failure(self, message: str) -> RuntimeError:
+        """The error for a server that failed: its log's last lines go to stderr, the last one into the message."""
         lines = self.log_text().splitlines()
         print("  server log (last lines):\n    " + "\n    ".join(lines[-30:]), file=sys.stderr, flush=True)
-        raise RuntimeError(f"{message}: {lines[-1] if lines else '(no output)'}")
+        return RuntimeError(f"{message}: {lines[-1] if lines else '(no output)'}")
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (a graceful drain), SIGKILL if it has not exited after `timeout` seconds."""

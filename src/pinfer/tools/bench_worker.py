@@ -124,18 +124,10 @@ def bench_served_workload(spec: dict[str, Any], workload: Workload, zones: tuple
             record = bench_workload(runner, workload, spec["repeats"], spec["warmup_max_tokens"], zones)
             record.update(server_start_seconds=runner.server.start_seconds, describe=runner.describe())
         except Exception as exc:  # the log goes with the folder: say what the server said (a crash, its reason)
-            raise RuntimeError(f"{type(exc).__name__}: {exc}; the server's log ends:\n"
-                               f"{_log_tail(Path(tmp) / 'server.log')}") from exc
+            raise runner.server.failure(f"{type(exc).__name__}: {exc}") from exc
         finally:
             exit_code = runner.close()
     return {**record, "server_exit_code": exit_code}
-
-
-def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
-    except OSError as exc:
-        return f"(unreadable: {exc})"
 
 
 def _not_applicable(workload: Workload, exc: NotApplicableError) -> dict[str, Any]:

@@ -322,7 +322,8 @@ class PagedAttention(AttentionBackend):
             starts = [0, *accumulate(query_lens)]
             # Where the CPU has AMX, SDPA's flash kernel (oneDNN's tiles) beats pinfer's on longer
             # prompts (examples/kernel_microbench.py: 64 tokens even, 128 1.7x, 1,002 3.4x).
-            by_kernel = [i for i in prefill if kernel and not (kernels.uses_amx() and query_lens[i] >= SDPA_FROM_TOKENS)]
+            kernel_below = SDPA_FROM_TOKENS if kernels.uses_amx() else float("inf")
+            by_kernel = [i for i in prefill if kernel and query_lens[i] < kernel_below]
             if by_kernel:  # every such sequence in one call: (table row, first row, new tokens, context)
                 tables, k_pages, v_pages = meta.block_tables, k_cache, v_cache
                 if isinstance(k_cache, Int8KV):
