@@ -1258,14 +1258,10 @@ void packed_dots_rows(int nr, const uint8_t* x, int64_t x_stride, const uint8_t*
 // prefetch) computes one tile. prefetch: the next tile's columns (block_bytes each), handed to
 // the first row-tile of each panel, which streams them into L2 while this tile's are in use
 // (the weights come from memory at every step).
-// ThreadScope: constructed on each thread before its tiles, destroyed after (AMX's tile
-// configuration, which is per thread and which oneDNN's kernels change between our calls).
-struct NoThreadScope {};
-template <class ThreadScope = NoThreadScope, class Tile>
+template <class Tile>
 void gemm_tiles(int64_t m_dim, int64_t n_blocks, int tile_rows, int tile_blocks, const uint8_t* w,
                 int64_t block_bytes, const Tile& tile) {
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    [[maybe_unused]] ThreadScope scope;
     for (int64_t m0 = 0; m0 < m_dim; m0 += kGemmPanelRows) {
       const int64_t m1 = std::min(m_dim, m0 + kGemmPanelRows);
       for (int64_t nb = begin; nb < end; nb += tile_blocks) {
@@ -1314,8 +1310,8 @@ void check_packed(const at::Tensor& x, const at::Tensor& packed, int64_t per_lan
 // a tile of 16 input rows x 64 bytes of k (64 int8 / 32 bf16 values) by a tile of the packed
 // weight, and the packing above is already that instruction's second operand: 16 groups of P
 // k's for 16 columns are 1,024 contiguous bytes, so no repacking. Register tile: 2 x 16 rows x
-// 2 blocks of 16 columns (4 accumulator tiles, 2 input, 2 weight), through gemm_tiles like the
-// AVX-512 kernel, and the same epilogues. The sums are the same (exact int32 for int8; bf16
+// 2 blocks of 16 columns (4 accumulator tiles, 2 input, 2 weight), blocked by amx_gemm below,
+// and the AVX-512 kernel's epilogues. The sums are the same (exact int32 for int8; bf16
 // products summed in float32, in another order than vdpbf16ps's). Input rows are padded to a
 // multiple of 16 (the pad rows' outputs are dropped). Used from 16 rows for int8 and 8 for bf16
 // (examples/kernel_microbench.py's crossovers): below, the weights' read rate bounds both
@@ -1340,7 +1336,8 @@ bool amx_fits(int64_t m_dim, int64_t k_bytes, int64_t min_rows) {
   return m_dim >= min_rows && k_bytes % kAmxChunkBytes == 0 && amx_ready();
 }
 
-// every tile 16 rows x 64 bytes (palette 1)
+// every tile 16 rows x 64 bytes (palette 1); set on each thread before its tiles, released
+// after (the configuration is per thread, and oneDNN's kernels change it between our calls)
 struct AmxThreadScope {
   AmxThreadScope() {
     alignas(64) uint8_t config[64] = {};
@@ -1364,57 +1361,121 @@ struct AmxBf16 {};
     _tile_dpbf16ps(C, A, B);                             \
   }
 
-// tiles 0-3 accumulate (row tile i, block j) at 2i + j, 4-5 hold input rows, 6-7 weight blocks
+// tiles 0-3 accumulate (row tile i, block j) at 2i + j, 4-5 hold input rows, 6-7 weight blocks;
+// resume: start from the sums in acc (an earlier part of k) instead of zero. acc: the tile's
+// sums, [rows][NT blocks][64 bytes] (the epilogue's layout).
 template <class Kind, int MT, int NT>
 __attribute__((noinline)) void amx_dots(const uint8_t* x, int64_t x_stride, const uint8_t* w, int64_t block_bytes,
-                                        int64_t chunks, const uint8_t* prefetch, uint8_t* dots) {
-  _tile_zero(0);
-  if constexpr (NT > 1) _tile_zero(1);
-  if constexpr (MT > 1) _tile_zero(2);
-  if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+                                        int64_t chunks, const uint8_t* prefetch, bool resume, uint8_t* acc) {
+  const int64_t row_bytes = NT * 64, second = 16 * row_bytes;
+  if (resume) {
+    _tile_loadd(0, acc, row_bytes);
+    if constexpr (NT > 1) _tile_loadd(1, acc + 64, row_bytes);
+    if constexpr (MT > 1) _tile_loadd(2, acc + second, row_bytes);
+    if constexpr (MT > 1 && NT > 1) _tile_loadd(3, acc + second + 64, row_bytes);
+  } else {
+    _tile_zero(0);
+    if constexpr (NT > 1) _tile_zero(1);
+    if constexpr (MT > 1) _tile_zero(2);
+    if constexpr (MT > 1 && NT > 1) _tile_zero(3);
+  }
+  // each load as late as it can be and right after the dot that last read its register (no
+  // tile renaming: a load waits for the dots reading the tile it overwrites)
   for (int64_t c = 0; c < chunks; ++c) {
-    _tile_loadd(6, w + c * kAmxWeightTileBytes, 64);
-    if constexpr (NT > 1) _tile_loadd(7, w + block_bytes + c * kAmxWeightTileBytes, 64);
     _tile_loadd(4, x + c * kAmxChunkBytes, x_stride);
-    if constexpr (MT > 1) _tile_loadd(5, x + 16 * x_stride + c * kAmxChunkBytes, x_stride);
+    _tile_loadd(6, w + c * kAmxWeightTileBytes, 64);
+    PINFER_TILE_DOT(Kind, 0, 4, 6)
+    if constexpr (NT > 1) {
+      _tile_loadd(7, w + block_bytes + c * kAmxWeightTileBytes, 64);
+      PINFER_TILE_DOT(Kind, 1, 4, 7)
+    }
+    if constexpr (MT > 1) {
+      _tile_loadd(5, x + 16 * x_stride + c * kAmxChunkBytes, x_stride);
+      PINFER_TILE_DOT(Kind, 2, 5, 6)
+    }
+    if constexpr (MT > 1 && NT > 1) { PINFER_TILE_DOT(Kind, 3, 5, 7) }
     if (prefetch != nullptr)
       for (int j = 0; j < NT; ++j)
         for (int64_t line = 0; line < kAmxWeightTileBytes; line += 64)
           _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * block_bytes + c * kAmxWeightTileBytes + line),
                        _MM_HINT_T1);
-    PINFER_TILE_DOT(Kind, 0, 4, 6)
-    if constexpr (NT > 1) { PINFER_TILE_DOT(Kind, 1, 4, 7) }
-    if constexpr (MT > 1) { PINFER_TILE_DOT(Kind, 2, 5, 6) }
-    if constexpr (MT > 1 && NT > 1) { PINFER_TILE_DOT(Kind, 3, 5, 7) }
   }
-  // into the epilogue's [rows][blocks][64 bytes]
-  const int64_t row_bytes = NT * 64, second = 16 * row_bytes;
-  _tile_stored(0, dots, row_bytes);
-  if constexpr (NT > 1) _tile_stored(1, dots + 64, row_bytes);
-  if constexpr (MT > 1) _tile_stored(2, dots + second, row_bytes);
-  if constexpr (MT > 1 && NT > 1) _tile_stored(3, dots + second + 64, row_bytes);
+  _tile_stored(0, acc, row_bytes);
+  if constexpr (NT > 1) _tile_stored(1, acc + 64, row_bytes);
+  if constexpr (MT > 1) _tile_stored(2, acc + second, row_bytes);
+  if constexpr (MT > 1 && NT > 1) _tile_stored(3, acc + second + 64, row_bytes);
 }
+
+// amx_gemm's blocking. Decode (up to kAmxPanelRows rows): each thread's column pairs in turn,
+// every pair's weights over the whole of k, from memory once, with the next pair's prefetched
+// into L2. Prefill (more rows): the rows go in panels of kAmxPanelRows, and k in passes of
+// kAmxPassBytes of the panel's rows (24 KB: in L1 with a pair's weights for the pass beside
+// them), each tile's sums stored between passes; a thread's columns go in groups of
+// kAmxGroupBytes of weights (in L2 across the panels). Without the passes every tile load came
+// from L2 (a 32 x 32 tile reads 36 KB of rows and 36 KB of weights at K = 576, more than L1's
+// 48 KB). The 120 layer matrices at 1,500 rows: 209-223 ms vs 236-241 before (1,002 rows: 139-142
+// vs 160-162; ad-hoc, one process each, alternated). At 64 rows the passes cost 5-7%, so decode
+// keeps one pass.
+constexpr int64_t kAmxPanelRows = 64;
+constexpr int64_t kAmxPassBytes = 24 << 10;
+constexpr int64_t kAmxL1Bytes = 48 << 10;
+constexpr int64_t kAmxGroupBytes = 768 << 10;
 
 // packed_gemm on tiles; x has rows up to the next multiple of 16 (readable, any values)
 template <class Kind, class Epilogue>
 void amx_gemm(const uint8_t* x, int64_t m_dim, int64_t x_stride, const uint8_t* w, int64_t n_blocks,
               int64_t chunks, const Epilogue& epilogue) {
+  constexpr int64_t kTileSums = kAmxTileRows * kAmxTileBlocks * 64;
   const int64_t block_bytes = chunks * kAmxWeightTileBytes;
-  gemm_tiles<AmxThreadScope>(
-      m_dim, n_blocks, kAmxTileRows, kAmxTileBlocks, w, block_bytes,
-      [&](int64_t i, int mr, int64_t nb, int nr, const uint8_t* prefetch) {
-        alignas(64) uint8_t dots[kAmxTileRows * kAmxTileBlocks * 64];
-        const uint8_t* xi = x + i * x_stride;
-        const uint8_t* wb = w + nb * block_bytes;
-        if (mr > 16) {
-          if (nr > 1) amx_dots<Kind, 2, 2>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
-          else amx_dots<Kind, 2, 1>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
-        } else {
-          if (nr > 1) amx_dots<Kind, 1, 2>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
-          else amx_dots<Kind, 1, 1>(xi, x_stride, wb, block_bytes, chunks, prefetch, dots);
+  const int64_t panel = std::min(amx_padded_rows(m_dim), kAmxPanelRows);
+  const bool one_pass = m_dim <= panel || panel * chunks * kAmxChunkBytes <= kAmxL1Bytes;
+  const int64_t pass_chunks =
+      one_pass ? chunks : std::clamp<int64_t>(kAmxPassBytes / (panel * kAmxChunkBytes), 1, chunks);
+  const int64_t passes = (chunks + pass_chunks - 1) / pass_chunks;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    AmxThreadScope scope;
+    const int64_t group = std::min(std::max<int64_t>(2, kAmxGroupBytes / block_bytes / 2 * 2), end - begin);
+    const int64_t pairs = (group + 1) / 2, row_tiles = (panel + kAmxTileRows - 1) / kAmxTileRows;
+    // each (row tile, pair) tile's sums between passes, in the epilogue's layout
+    thread_local std::vector<uint8_t> storage;
+    storage.resize(row_tiles * pairs * kTileSums + 64);
+    uint8_t* sums = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) & 63);
+    for (int64_t g0 = begin; g0 < end; g0 += group) {
+      const int64_t g1 = std::min(end, g0 + group), g_pairs = (g1 - g0 + 1) / 2;
+      for (int64_t m0 = 0; m0 < m_dim; m0 += panel) {
+        const int64_t m1 = std::min(m_dim, m0 + panel);
+        for (int64_t pass = 0; pass < passes; ++pass) {
+          const int64_t c0 = pass * pass_chunks, n_c = std::min(pass_chunks, chunks - c0);
+          for (int64_t p = 0; p < g_pairs; ++p) {
+            const int64_t nb = g0 + 2 * p;
+            const int nr = static_cast<int>(std::min<int64_t>(2, g1 - nb));
+            // the next pair's weights for this pass (or the next pass's first, or, after the
+            // last panel, the next group's first), streamed into L2 during the first row tile
+            const uint8_t* next = nullptr;
+            if (p + 1 < g_pairs) next = w + (nb + 2) * block_bytes + c0 * kAmxWeightTileBytes;
+            else if (pass + 1 < passes) next = w + g0 * block_bytes + (c0 + n_c) * kAmxWeightTileBytes;
+            else if (m1 == m_dim && g1 < end) next = w + g1 * block_bytes;
+            for (int64_t i = m0; i < m1; i += kAmxTileRows) {
+              const int mr = static_cast<int>(std::min<int64_t>(kAmxTileRows, m1 - i));
+              uint8_t* acc = sums + (((i - m0) / kAmxTileRows) * pairs + p) * kTileSums;
+              const uint8_t* xi = x + i * x_stride + c0 * kAmxChunkBytes;
+              const uint8_t* wb = w + nb * block_bytes + c0 * kAmxWeightTileBytes;
+              const uint8_t* prefetch = i == m0 ? next : nullptr;
+              const bool resume = pass > 0;
+              if (mr > 16) {
+                if (nr > 1) amx_dots<Kind, 2, 2>(xi, x_stride, wb, block_bytes, n_c, prefetch, resume, acc);
+                else amx_dots<Kind, 2, 1>(xi, x_stride, wb, block_bytes, n_c, prefetch, resume, acc);
+              } else {
+                if (nr > 1) amx_dots<Kind, 1, 2>(xi, x_stride, wb, block_bytes, n_c, prefetch, resume, acc);
+                else amx_dots<Kind, 1, 1>(xi, x_stride, wb, block_bytes, n_c, prefetch, resume, acc);
+              }
+              if (pass + 1 == passes) epilogue(i, mr, nb, nr, acc);
+            }
+          }
         }
-        epilogue(i, mr, nb, nr, dots);
-      });
+      }
+    }
+  });
 }
 
 #else
