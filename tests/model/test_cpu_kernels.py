@@ -201,11 +201,12 @@ def amx():
 
 
 # 8: bf16's first AMX size; 16: one row tile; 17, 33: padded row tiles; 64: decode's one pass
-# over K; 130, 200: panels of 64 rows (the last partial), K in passes with sums stored between
-# them (int8's K = 576, 9 chunks, in a pass of 6 and one of 3); 48 outputs: a thread's odd block;
+# over K; 130, 200: panels of 64 rows (the last partial), bf16's K in passes of 6 chunks with the
+# sums stored between them (K 704: 22 chunks, the last pass of 4), int8's in one pass where a
+# panel's rows fit L1 (K 576, 704) and in passes at K 1536; 48 outputs: a thread's odd block;
 # 3,088 outputs: a thread's columns in groups of 42 blocks, the last partial and odd; K 64: one chunk
 @pytest.mark.parametrize("rows", [8, 16, 17, 33, 64, 130, 200])
-@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (64, 48), (576, 3088)])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (1536, 576), (64, 48), (576, 3088), (704, 96)])
 def test_amx_gemms_are_the_avx512_gemms(amx, rows, in_features, out_features):
     """int8: the same exact int32 sums, so the same bits; bf16: float32 sums in another order,
     so at most one bf16 rounding apart, and as close to the exact product."""

@@ -1379,8 +1379,8 @@ __attribute__((noinline)) void amx_dots(const uint8_t* x, int64_t x_stride, cons
     if constexpr (MT > 1) _tile_zero(2);
     if constexpr (MT > 1 && NT > 1) _tile_zero(3);
   }
-  // each load just before the first dot that reads it (a standalone loop with the rows in L2:
-  // 9.2 ns a dot vs 10.1 with all four loads first)
+  // each load just before the first dot that reads it (an ad-hoc standalone loop with the rows
+  // in L2: 9.2 ns a dot vs 10.1 with all four loads first)
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(4, x + c * kAmxChunkBytes, x_stride);
     _tile_loadd(6, w + c * kAmxWeightTileBytes, 64);
@@ -1414,7 +1414,7 @@ __attribute__((noinline)) void amx_dots(const uint8_t* x, int64_t x_stride, cons
 // kAmxGroupBytes of weights (in L2 across the panels). Without the passes every tile load came
 // from L2 (a 32 x 32 tile reads 36 KB of rows and 36 KB of weights at K = 576, more than L1's
 // 48 KB). The 120 layer matrices at 1,500 rows: 209-223 ms vs 236-241 before (1,002 rows: 139-143
-// vs 160-170; ad-hoc, one process each, alternated). At 64 rows the passes cost 5-7%, so decode
+// vs 160-170; ad-hoc, one process each, alternated). At 64 rows the passes cost 6-12%, so decode
 // keeps one pass, and so does a panel whose rows fit L1 whole (int8 at K = 576).
 constexpr int64_t kAmxPanelRows = 64;
 constexpr int64_t kAmxPassBytes = 24 << 10;
