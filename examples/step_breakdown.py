@@ -64,7 +64,7 @@ _FUNCTION = re.compile(r"^\s*(?:inline\s+)?(?:void|at::Tensor|float|int64_t|std:
 
 
 def instrumented_source(directory: Path) -> tuple[Path, list[str]]:
-    source = kernels.SOURCE.read_text()
+    source = kernels.SOURCES[0].read_text()
     assert "at::parallel_for (" not in source  # the hook's own call is spelled with a space
     source = source.replace("namespace {\n", "namespace {\n" + _HOOK, 1)
     source = source.replace("at::parallel_for(", "region_timing::timed(__LINE__, ")
@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
 
     path, lines = instrumented_source(kernels.cache_dir() / "step_breakdown")
-    kernels.SOURCE = path  # before anything loads the kernels: this build is the one used
+    kernels.SOURCES = [path]  # the AVX-512 kernels, timed; before anything loads the kernels: this build is the one used
     if not kernels.load():
         raise SystemExit(f"the kernels did not load: {kernels.status()}")
 

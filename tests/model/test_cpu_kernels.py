@@ -34,10 +34,25 @@ def _cpu_has_avx512() -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    if os.environ.get("PINFER_CPU_KERNELS") == "0" or not _cpu_has_avx512():
-        pytest.skip("no AVX-512 on this CPU (or PINFER_CPU_KERNELS=0): the engine uses the PyTorch path")
+    if os.environ.get("PINFER_CPU_KERNELS") == "0" or not (_cpu_has_avx512() or {"avx2", "fma"} <= _cpu_flags()):
+        pytest.skip("no AVX-512 or AVX2 on this CPU (or PINFER_CPU_KERNELS=0): the engine uses the PyTorch path")
     # On a machine that can run them, failing to build them is a failure, not a skip.
     assert kernels.load(), kernels.status()
+
+
+# What kernels/cpu_ops_avx2.cpp (and cpu_ops.cpp's store_kv and row_keys) build on CPUs with AVX2 but no AVX-512.
+AVX2_OPS = {"bf16_gemm", "paged_decode_attention", "rms_norm", "add_rms_norm", "rotary_", "silu_mul", "store_kv",
+            "row_keys", "gumbel_sample", "argmax"}
+
+
+def needs(*ops: str) -> None:
+    """Skip a test of ops this CPU's build leaves out by design (the AVX-512 set on an AVX2 CPU);
+    an op missing where the CPU could run it fails."""
+    for op in ops:
+        if _cpu_has_avx512() or op in AVX2_OPS:
+            assert kernels.has(op), f"{op} missing from this build ({kernels.status()})"
+        else:
+            pytest.skip(f"{op} needs AVX-512; this CPU has AVX2 only")
 
 
 DTYPES = [torch.bfloat16, torch.float32]
@@ -52,6 +67,7 @@ def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [576, 100])  # 100: a partial last vector
 def test_rms_norm_and_fused_residual_add(dtype, dim):
+    needs("rms_norm", "add_rms_norm")
     torch.manual_seed(0)
     norm = RMSNorm(dim, 1e-5).to(dtype)
     with torch.no_grad():
@@ -75,6 +91,7 @@ def test_rms_norm_and_fused_residual_add(dtype, dim):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 256])
 def test_rotary_in_place_matches_pytorch(dtype, head_dim):
+    needs("rotary_")
     torch.manual_seed(0)
     heads, kv_heads, tokens = 6, 2, 19
     rotary = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=10000.0))
@@ -106,6 +123,7 @@ def _paged_pool(dtype, num_seqs, max_len, kv_heads, head_dim, block_size=16):
 )
 @pytest.mark.parametrize("num_seqs", [7, 2])  # 2: fewer sequences than 2 x threads, one kv head per work item
 def test_paged_decode_attention_matches_sdpa(dtype, heads, kv_heads, head_dim, window, num_seqs):
+    needs("paged_decode_attention")
     torch.manual_seed(0)
     max_len = 130
     k_cache, v_cache, tables = _paged_pool(dtype, num_seqs, max_len, kv_heads, head_dim)
@@ -119,7 +137,44 @@ def test_paged_decode_attention_matches_sdpa(dtype, heads, kv_heads, head_dim, w
     torch.testing.assert_close(out, ref, **tol)
 
 
+def test_paged_decode_attention_names_an_unsupported_head_size():
+    needs("paged_decode_attention")
+    pool = torch.zeros(2, 16, 1, 24)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.pinfer.paged_decode_attention(torch.zeros(1, 1, 24), pool, pool, torch.zeros(1, 1, dtype=torch.long),
+                                                torch.ones(1, dtype=torch.long), 1.0, 0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 131])  # 1: the batch-1 tile; 5, 131: partial row tiles
+@pytest.mark.parametrize("k_dim,n_dim", [(576, 960), (1536, 576), (64, 48), (576, 80)])  # 48, 80: odd block counts
+def test_bf16_gemm_sums_in_float32_and_rounds_once(rows, k_dim, n_dim):
+    needs("bf16_gemm")
+    torch.manual_seed(rows)
+    weight = torch.randn(n_dim, k_dim).to(torch.bfloat16)
+    x = torch.randn(rows, k_dim).to(torch.bfloat16)
+    bias = torch.randn(n_dim).to(torch.bfloat16)
+    out = torch.ops.pinfer.bf16_gemm(x, kernels.pack_for_gemm(weight).contiguous(), bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n_dim)
+    exact = x.double() @ weight.double().t() + bias.double()
+    # float32 sums of k_dim products, then one rounding to bf16: within a bf16 ulp of the exact
+    # value plus the float32 sum's error
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs()
+    float_error = k_dim * torch.finfo(torch.float32).eps * (x.double().abs() @ weight.double().abs().t())
+    assert ((out.double() - exact).abs() <= ulp + float_error).all()
+    without_bias = torch.ops.pinfer.bf16_gemm(x, kernels.pack_for_gemm(weight).contiguous(), None)
+    torch.testing.assert_close(without_bias.double(), exact - bias.double(), atol=0.1, rtol=0.02)
+
+
+def test_bf16_gemm_refuses_a_weight_packed_for_another_k():
+    needs("bf16_gemm")
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    packed = kernels.pack_for_gemm(torch.randn(16, 32).to(torch.bfloat16)).contiguous()
+    with pytest.raises(RuntimeError, match="packed for K = 32, input has K = 64"):
+        torch.ops.pinfer.bf16_gemm(x, packed, None)
+
+
 def test_kernel_rejects_a_dtype_it_does_not_handle():
+    needs("rms_norm")
     x = torch.randn(2, 64, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32 or bfloat16 only"):
         torch.ops.pinfer.rms_norm(x, torch.ones(64, dtype=torch.float64), 1e-6)
@@ -136,6 +191,7 @@ def test_kernels_are_used_only_inside_active():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_has_the_bits_of_silu_times_up(dtype):
+    needs("silu_mul")
     from pinfer.model.llama import silu_and_mul
 
     torch.manual_seed(0)
@@ -148,6 +204,7 @@ def test_silu_mul_has_the_bits_of_silu_times_up(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_writes_strided_rows_into_their_slots(dtype):
+    needs("store_kv")
     from pinfer.model.attention.base import store_kv
 
     torch.manual_seed(0)
@@ -174,6 +231,7 @@ def test_store_kv_writes_strided_rows_into_their_slots(dtype):
                          [(1, 576, 964), (3, 576, 964), (4, 576, 960), (7, 576, 964), (7, 576, 960),
                           (64, 576, 3072), (200, 1500, 944)])
 def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows, in_features, out_features):
+    needs("quantize_rows")
     from pinfer.model.quantization import Int8Linear
 
     torch.manual_seed(0)
@@ -263,6 +321,7 @@ def test_the_build_finds_the_ninja_dependency_off_path(monkeypatch):
     [(70, 70, 9, 3, 64), (20, 90, 9, 3, 64), (1, 33, 4, 4, 128), (33, 33, 8, 1, 256)],  # 20 of 90: a cached prefix
 )
 def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_heads, head_dim):
+    needs("paged_prefill_attention")
     from pinfer.model.attention.paged import prefill_one
 
     if "avx512_bf16" not in _cpu_flags():
@@ -280,6 +339,7 @@ def test_paged_prefill_attention_matches_sdpa(q_len, context_len, heads, kv_head
 def test_batched_prefill_attention_has_the_per_sequence_bits(num_seqs):
     """One call for a step's prefill sequences (rows strided in a qkv view, cached prefixes,
     decode rows between them) writes exactly what the per-sequence kernel gives, and nothing else."""
+    needs("paged_prefill_attention_batch")
     if "avx512_bf16" not in _cpu_flags():
         pytest.skip("the prefill kernel needs AVX512-BF16; the engine uses SDPA here")
     torch.manual_seed(0)
@@ -312,6 +372,7 @@ def test_batched_prefill_attention_has_the_per_sequence_bits(num_seqs):
 def test_row_keys_kernel_matches_the_pytorch_hash():
     """The sampler's per-row keys from the kernel: the bits of sampling/random.py's row_keys,
     for seeds and steps anywhere in int64 (negative, past 2**32, the extremes)."""
+    needs("row_keys")
     from pinfer.sampling.random import row_keys
 
     gen = torch.Generator().manual_seed(11)
@@ -329,6 +390,7 @@ def test_gumbel_sample_kernel_matches_the_pytorch_path(processed, shape):
     """The kernel gives noise only to tokens that can still win; the skipped ones never could.
     one_top: one token 13 above the rest, so some rows (more at T > 1) sample a token far below the
     top, inside the kernel's bound (19.5 at T=1; a tighter bound would skip them)."""
+    needs("gumbel_sample")
     from pinfer.sampling.random import row_keys
     from pinfer.sampling.sampler import _plain_random_sample
 
@@ -362,6 +424,7 @@ def test_int4_gemm_is_the_w4a8_arithmetic(rows, dtype):
     """int4 weights x int8 activations: per group of 32, x_scale * (s * sum xq q + z * sum xq)
     with the integer sums exact; against that computed in float64 (only the float32 sums over
     groups and the output rounding differ), and near the float matmul by the dequantized weight."""
+    needs("int4_gemm")
     from pinfer.model.quantization import dequantize, quantize_int4
 
     gen = torch.Generator().manual_seed(5)
@@ -386,6 +449,7 @@ def test_int4_gemm_is_the_w4a8_arithmetic(rows, dtype):
 
 
 def test_int4_gemm_rejects_a_weight_packed_for_another_k():
+    needs("int4_gemm")
     q = torch.zeros(16, 64, dtype=torch.int32)
     packed = kernels.pack_int4(q, torch.ones(16, 2), torch.zeros(16, 2))
     with pytest.raises(RuntimeError, match="packed for K = 64, input has K = 96"):
@@ -394,6 +458,7 @@ def test_int4_gemm_rejects_a_weight_packed_for_another_k():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_argmax_kernel_is_the_first_maximum(dtype):
+    needs("argmax")
     gen = torch.Generator().manual_seed(9)
     logits = torch.randn(37, 49157, generator=gen).to(dtype)  # rows over both threads, a ragged tail
     logits[1, 5] = logits[1, 40000] = logits[1, 49156] = 100.0  # ties: the first one

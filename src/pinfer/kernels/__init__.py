@@ -4,7 +4,9 @@ and (bf16) prefill attention,
 the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
 vdpbf16ps (bf16), which is also the operand layout of AMX's tile instructions (used from 8-16
 rows where the CPU has them; PINFER_AMX=0 turns them off), and a decode step's whole decoder
-stack in one call (model/fused_decode.py).
+stack in one call (model/fused_decode.py). On CPUs without AVX512-BF16 but with AVX2 and FMA
+(AMD Zen 1-3, Intel client cores since Alder Lake, Skylake-era Xeons) cpu_ops_avx2.cpp builds
+the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul) and the paged decode attention.
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
@@ -20,7 +22,7 @@ engine starts on a CPU, ~10-30 s, and cached per machine under $PINFER_CACHE/ker
 PINFER_CPU_KERNELS=0 or a failed build: a warning (for the failure) and the PyTorch path,
 which computes the same thing.
 
-The model code asks usable(x) before calling a kernel: true only inside `active()`, which
+The model code asks usable(x) and has(op) before calling a kernel: usable is true only inside `active()`, which
 the model runner enters around its forward except in deterministic mode (whose batch-invariant
 aten ops are the reference the trainer matches bit for bit), for float32 and bfloat16 CPU tensors.
 """
@@ -42,7 +44,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = [Path(__file__).with_name("cpu_ops.cpp"), Path(__file__).with_name("cpu_ops_avx2.cpp")]
 # -fopenmp: at::parallel_for is OpenMP, serial without it; -ffp-contract=off: no FMA where aten rounds twice
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -61,12 +63,14 @@ def _build_key() -> str:
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    text = "\n".join([SOURCE.read_text(), " ".join(_FLAGS), torch.__version__, platform.machine(), cpu])
+    text = "\n".join([*(source.read_text() for source in SOURCES), " ".join(_FLAGS), torch.__version__,
+                      platform.machine(), cpu])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def load() -> bool:
-    """Build (first time on this machine) or load the kernels; True if usable. Never raises."""
+    """Build (first time on this machine) or load the kernels; True if usable. Which ops the
+    build has depends on the CPU: has(op). Never raises."""
     if _state["tried"]:
         return bool(_state["loaded"])
     _state["tried"] = True
@@ -74,7 +78,7 @@ def load() -> bool:
         _state["reason"] = "disabled by PINFER_CPU_KERNELS=0"
         return False
     if platform.machine() not in ("x86_64", "AMD64"):
-        _state["reason"] = f"no kernels for {platform.machine()} (AVX-512 only)"
+        _state["reason"] = f"no kernels for {platform.machine()} (x86-64 only)"
         return False
     try:
         _build_or_load()
@@ -82,9 +86,12 @@ def load() -> bool:
         _state["reason"] = f"build failed: {type(error).__name__}: {str(error).strip().splitlines()[-1:]}"
         warnings.warn(f"pinfer CPU kernels unavailable, using the PyTorch path ({_state['reason']})", stacklevel=2)
         return False
-    if not torch.ops.pinfer.available():
-        _state["reason"] = "this CPU has no AVX-512"
-        return False
+    if not torch.ops.pinfer.available():  # no AVX-512: cpu_ops_avx2.cpp's kernels, if the CPU has AVX2 and FMA
+        if not hasattr(torch.ops.pinfer, "paged_decode_attention"):
+            _state["reason"] = "this CPU has neither AVX-512 nor AVX2 with FMA"
+            return False
+        _state["loaded"], _state["reason"] = True, "loaded (AVX2: the bf16 GEMM and decode attention only)"
+        return True
     # AMX tiles for the GEMMs where the CPU has them (and Linux grants them); PINFER_AMX=0: AVX-512 only
     _state["amx"] = torch.ops.pinfer.use_amx(os.environ.get("PINFER_AMX", "1") != "0")
     _state["loaded"], _state["reason"] = True, "loaded"
@@ -111,7 +118,7 @@ def _build_or_load() -> None:
     build.mkdir(parents=True, exist_ok=True)
     logger.warning("compiling pinfer's CPU kernels (once per machine, ~10-30 s) into %s", directory)
     try:
-        load_extension("pinfer_cpu_kernels", [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        load_extension("pinfer_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                        build_directory=str(build), is_python_module=False, verbose=False)
         os.replace(build / library.name, library)
     finally:
@@ -130,7 +137,7 @@ def _put_ninja_on_path() -> None:
 
 
 def status() -> str:
-    """Why the kernels are or are not in use: "loaded", or the reason they are not."""
+    """Why the kernels are or are not in use: "loaded", what part of them loaded, or the reason they are not."""
     return str(_state["reason"])
 
 
@@ -180,11 +187,11 @@ def pack_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 def has(op: str) -> bool:
     """Whether the build has this op (int8_gemm and int4_gemm need AVX512-VNNI;
-    paged_prefill_attention and bf16_gemm AVX512-BF16; decode_layers both; the rest AVX-512
-    F/BW)."""
+    paged_prefill_attention AVX512-BF16; bf16_gemm AVX512-BF16, or else AVX2 and FMA
+    (cpu_ops_avx2.cpp); decode_layers both; the rest AVX-512 F/BW)."""
     key = f"has {op}"
     if key not in _state:
-        _state[key] = bool(_state["loaded"]) and hasattr(torch.ops.pinfer, op)
+        _state[key] = load() and hasattr(torch.ops.pinfer, op)
     return bool(_state[key])
 
 

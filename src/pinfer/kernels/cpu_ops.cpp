@@ -11,8 +11,9 @@
 // path's bits; the norms (their mean), attention, the bf16 GEMM and logprobs differ from it
 // by float32 summation order. tests/model/test_cpu_kernels.py checks each against that path.
 //
-// Built with -march=native by kernels/__init__.py, once per machine; without AVX-512
-// the file still compiles and available() says false, and the engine keeps the PyTorch path.
+// Built with -march=native by kernels/__init__.py, once per machine; without AVX-512 the file
+// still compiles, available() says false and only store_kv and row_keys are built here (cpu_ops_avx2.cpp
+// has a few of the others for AVX2 CPUs); the engine keeps the PyTorch path for the rest.
 // Where the CPU has AMX (Sapphire Rapids and later), the GEMMs run on its tiles from 8-16 rows.
 
 #include <ATen/ATen.h>
@@ -758,6 +759,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& query, const at::Tensor
 // (relative error ~2e-7), so logprobs agree to float32 rounding. Only the tokens that can still
 // win get noise (gumbel_sample_rows, gumbel_sample_row): ~10% of SmolLM2's vocabulary at T = 1.
 
+#endif  // PINFER_AVX512: row_keys is scalar, built for every CPU
+
 // sampling/random.py's lowbias32 multipliers, for the scalar and the vector mixer below
 constexpr uint32_t kLowbiasC1 = 0x7FEB352Du, kLowbiasC2 = 0x846CA68Bu;
 
@@ -789,6 +792,7 @@ at::Tensor row_keys(const at::Tensor& seeds, const at::Tensor& steps) {
   return keys;
 }
 
+#if PINFER_AVX512
 inline __m512i lowbias32(__m512i x, bool finish) {
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int32_t>(kLowbiasC1)));
@@ -1049,7 +1053,10 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+#endif  // PINFER_AVX512
+
 // ---- writing the new tokens' K and V into their pool slots ---------------------------------
+// Plain copies, so built for every CPU (the AVX2-only ones included).
 
 // slot_mapping as a contiguous int64 tensor, every slot checked to lie in a pool of cache's blocks
 at::Tensor checked_slots(const at::Tensor& slot_mapping, const at::Tensor& cache, const char* name) {
@@ -1100,6 +1107,7 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   });
 }
 
+#if PINFER_AVX512
 #if defined(__AVX512VNNI__)
 void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                    at::Tensor& k_scales, at::Tensor& v_scales, const at::Tensor& slot_mapping) {
@@ -2029,6 +2037,9 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
 
 TORCH_LIBRARY(pinfer, m) {
   m.def("available() -> bool", &available);
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &store_kv);
+  m.def("row_keys(Tensor seeds, Tensor steps) -> Tensor", &row_keys);
 #if PINFER_AVX512
   m.def("use_amx(bool allow) -> bool", &use_amx);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
@@ -2037,13 +2048,10 @@ TORCH_LIBRARY(pinfer, m) {
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int sliding_window) -> Tensor",
         &paged_decode_attention);
-  m.def("row_keys(Tensor seeds, Tensor steps) -> Tensor", &row_keys);
   m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
         &gumbel_sample);
   m.def("argmax(Tensor logits) -> Tensor", &argmax);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
-  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-        &store_kv);
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
 #if defined(__AVX512BF16__)

@@ -61,7 +61,7 @@ class Attention(nn.Module):
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of the fused gate/up projection [..., 2 * I] -> [..., I]."""
-    if kernels.usable(gate_up) and gate_up.is_contiguous():
+    if kernels.usable(gate_up) and kernels.has("silu_mul") and gate_up.is_contiguous():
         return torch.ops.pinfer.silu_mul(gate_up)  # the same bits, one pass (kernels/cpu_ops.cpp)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

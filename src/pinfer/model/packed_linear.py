@@ -22,6 +22,9 @@ weight at batch 1 at the machine's read rate, 1.7x faster than oneDNN there and 
 batch 64 (examples/kernel_microbench.py); its outputs are oneDNN's bits except where
 oneDNN splits K differently (a few in 10^4 elements, one bf16 rounding apart).
 
+On CPUs without AVX-512, oneDNN cannot pack bf16 weights: with AVX2 the own GEMM takes them
+(kernels/cpu_ops_avx2.cpp), else they stay dense for F.linear.
+
 Not used with deterministic mode (its batch-invariant matmuls replace aten's at dispatch,
 which the packed op bypasses), tensor parallelism, quantized linears (their own kernels),
 or off the CPU.
@@ -46,6 +49,11 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
 
 
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """oneDNN refuses bf16 weights on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT."""
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class PackedLinear(nn.Linear):
     """nn.Linear whose forward runs oneDNN on a pre-packed copy of the weight (see the module doc)."""
 
@@ -58,11 +66,13 @@ class PackedLinear(nn.Linear):
         weight = self.weight.detach()
         n, k = self.dense_shape = weight.shape
         self.own_kernel = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and n % 16 == 0
-                           and k % 2 == 0 and kernels.load() and kernels.has("bf16_gemm"))
+                           and k % 2 == 0 and kernels.has("bf16_gemm"))
         if self.own_kernel:
             self.packed_weight = kernels.pack_for_gemm(weight).contiguous()
-        else:
+        elif onednn_packs(weight.dtype):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+        else:  # bf16 on a CPU where neither our GEMM nor oneDNN takes it: F.linear on the dense weight
+            return
         if self.owns_weight:
             self.weight.data = weight.new_empty(0)
 

@@ -168,7 +168,7 @@ class Int8Linear(_QuantizedLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Per-row scales: a row's result never depends on the other rows, and the int32
         # sum is exact, so this is batch-invariant in every mode (no tiles needed).
-        if kernels.usable(x):
+        if kernels.usable(x) and kernels.has("quantize_rows"):
             # The same ops fused (kernels/cpu_ops.cpp), so the same bits: a VNNI GEMM on the
             # packed copy, or where the shape has none, quantize -> _int_mm -> rescale.
             x = x.contiguous()

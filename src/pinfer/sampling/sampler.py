@@ -222,7 +222,7 @@ class Sampler:
             # The first maximum of the logits as they are (no float32 copy: the conversion is
             # exact): a greedy row has no temperature, and cut-offs never remove the maximum.
             return SamplerOutput(_argmax(logits), None, None, None, None)
-        use_kernel = kernels.usable(logits) and logits.is_contiguous()
+        use_kernel = kernels.usable(logits) and kernels.has("gumbel_sample") and logits.is_contiguous()
         if (use_kernel or self._plain_random is not None) and _is_plain_random(batch):
             if use_kernel:
                 # The same computation in two passes per row, noise only for tokens that can win

@@ -159,7 +159,8 @@ def store_kv(
             k_cache.store(slot_mapping, key)
             v_cache.store(slot_mapping, value)
         return
-    if kernels.usable(key) and key.dtype == k_cache.dtype and _packed_heads(key) and _packed_heads(value):
+    if (kernels.usable(key) and kernels.has("store_kv") and key.dtype == k_cache.dtype and _packed_heads(key)
+            and _packed_heads(value)):
         torch.ops.pinfer.store_kv(key, value, k_cache, v_cache, slot_mapping)  # one call, no dtype copies
         return
     num_blocks, block_size = k_cache.shape[:2]

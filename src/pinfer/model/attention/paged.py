@@ -365,7 +365,8 @@ class PagedAttention(AttentionBackend):
                 return torch.ops.pinfer.paged_decode_attention_int8(
                     query, k_cache.data, v_cache.data, k_cache.scale, v_cache.scale, block_tables, context_lens, scale,
                     sliding_window or 0)
-        elif kernels.usable(query) and query.dtype == k_cache.dtype and query.shape[-1] % 16 == 0:
+        elif (kernels.usable(query) and kernels.has("paged_decode_attention") and query.dtype == k_cache.dtype
+              and query.shape[-1] % 16 == 0 and query.shape[-1] <= 256):
             # Reads the pages in place through the block table: no gather, no mask (kernels/cpu_ops.cpp).
             return torch.ops.pinfer.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
                                                            sliding_window or 0)

@@ -102,7 +102,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, H, D], key [T, Hkv, D]; the kernel rotates them in place (callers pass fresh
         projections), the PyTorch path returns new tensors."""
-        if (self.rotary_dim == self.head_dim and kernels.usable(query) and query.dtype == key.dtype
+        if (self.rotary_dim == self.head_dim and kernels.usable(query) and kernels.has("rotary_")
+                and query.dtype == key.dtype
                 and query.stride(-1) == key.stride(-1) == 1 and query.stride(-2) == key.stride(-2) == self.head_dim):
             torch.ops.pinfer.rotary_(query, key, self.cos, self.sin, positions)
             return query, key

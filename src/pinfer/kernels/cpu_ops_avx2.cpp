@@ -1,0 +1,688 @@
+// pinfer's kernels for CPUs without AVX-512 but with AVX2 and FMA (AMD Zen 1-3, Intel client
+// cores since Alder Lake), registered as torch.ops.pinfer.*; see kernels/__init__.py. Two of
+// cpu_ops.cpp's kernels, with the same schemas and results to float rounding: the bf16 GEMM
+// (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none) and the paged
+// decode attention. The other ops keep the PyTorch path on these CPUs.
+//
+// The bf16 GEMM. On such CPUs neither oneDNN nor aten has a fast bf16 matmul: torch 2.13's
+// F.linear in bf16 runs at ~8 GFLOPS a core on a Zen 3 (float32's MKL sgemm: ~67), and oneDNN
+// refuses to pack a bf16 weight at all ("needs avx_ne_convert or avx512bw..."). bf16 weights
+// still halve what batch-1 decode reads, and widening bf16 to float32 is a shift: this kernel
+// keeps the weights in bf16 and multiplies in float32 with FMA.
+//
+// The weight is packed as for cpu_ops.cpp's GEMMs, [N / 16, K / 2, 16, 2] (kernels.pack_for_gemm):
+// one 64-byte group holds k and k + 1 of 16 columns, a 32-bit lane per column. Two 256-bit
+// loads cover the 16 columns; a lane's low half is k (shifted up 16 bits it is that float),
+// its high half k + 1 (masked, it is that float). The input rows are widened to float32 once,
+// so each k of a row is a broadcast load. Register tile: 4 rows x 16 columns (8 accumulators,
+// the group's 4 widened weight vectors, 2 broadcasts: 14 of the 16 ymm registers), or at
+// batch 1, 1 row x 32 columns. Sums are float32 in k order, + bias, rounded to bf16 once.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+// float32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN, as in c10::BFloat16.
+inline __m128i to_bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), nan);
+  const __m256i high = _mm256_srli_epi32(rounded, 16);  // 0..65535: packus keeps them as they are
+  const __m256i packed = _mm256_packus_epi32(high, high);  // lanes 0-3 | 0-3 | 4-7 | 4-7
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+#if !defined(__AVX512BF16__)
+// One tile: MR rows x NV vectors of 8 columns (NV = 2 is one 16-column block of the packing,
+// NV = 4 two). x: the rows widened to float32, k-contiguous; w: the tile's first block.
+template <int MR, int NV>
+__attribute__((noinline)) void bf16_dots(const float* x, int64_t x_stride, const uint8_t* w, int64_t block_bytes,
+                                         int64_t groups, __m256* sums) {
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m256 acc[MR][NV];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 even[NV], odd[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {  // vector j: block j / 2, its columns 8 (j % 2) .. + 7
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (j / 2) * block_bytes + g * 64 + (j % 2) * 32));
+      even[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      odd[j] = _mm256_castsi256_ps(_mm256_and_si256(v, high_half));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x0 = _mm256_broadcast_ss(x + i * x_stride + 2 * g);
+      const __m256 x1 = _mm256_broadcast_ss(x + i * x_stride + 2 * g + 1);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(x1, odd[j], _mm256_fmadd_ps(x0, even[j], acc[i][j]));
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) sums[i * NV + j] = acc[i][j];
+}
+
+constexpr int kTileRows = 4;
+// Rows widened to float32 per pass over a thread's columns: ~192 KB of them, so they stay in L2
+// while the weights stream past.
+constexpr int64_t kPanelBytes = 192 * 1024;
+
+at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  // x bf16 [M, K]; packed bf16 [N / 16, K / 2, 16, 2]; bias [N] (any float dtype) or None
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4,
+              "bf16_gemm: x [M, K] contiguous, weight packed [N / 16, K / 2, 16, 2]");
+  TORCH_CHECK(packed.size(1) * 2 == x.size(1) && packed.size(2) == 16 && packed.size(3) == 2,
+              "bf16_gemm: weight packed for K = ", packed.size(1) * 2, ", input has K = ", x.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "bf16_gemm: bfloat16 only");
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
+  const int64_t groups = k_dim / 2, block_bytes = groups * 64;
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n_dim, "bf16_gemm: bias has ", bias->numel(), " values for ", n_dim, " outputs");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const at::Tensor xf = x.to(at::kFloat);  // M x K floats: small next to the N x K weight
+  const float* xp = xf.data_ptr<float>();
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<bf16>());
+  auto out = at::empty({m_dim, n_dim}, x.options());
+  bf16* op = out.data_ptr<bf16>();
+
+  auto store = [&](int64_t row, int rows, int64_t column, int vectors, const __m256* sums) {
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < vectors; ++j) {
+        const int64_t n = column + 8 * j;
+        __m256 v = sums[i * vectors + j];
+        if (bp != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(bp + n));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(op + (row + i) * n_dim + n), to_bf16_bits(v));
+      }
+  };
+  const int64_t panel_rows = std::max<int64_t>(kTileRows, kPanelBytes / (k_dim * 4) / kTileRows * kTileRows);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) __m256 sums[kTileRows * 4];
+    if (m_dim == 1) {  // batch 1: two blocks a tile (8 independent sums), the weights read once
+      int64_t nb = begin;
+      for (; nb + 2 <= end; nb += 2) {
+        bf16_dots<1, 4>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+        store(0, 1, nb * 16, 4, sums);
+      }
+      if (nb < end) {
+        bf16_dots<1, 2>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+        store(0, 1, nb * 16, 2, sums);
+      }
+      return;
+    }
+    for (int64_t m0 = 0; m0 < m_dim; m0 += panel_rows) {
+      const int64_t m1 = std::min(m_dim, m0 + panel_rows);
+      for (int64_t nb = begin; nb < end; ++nb)  // the block's weights stay in L1/L2 across the panel
+        for (int64_t i = m0; i < m1; i += kTileRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - i));
+          const float* xi = xp + i * k_dim;
+          const uint8_t* wb = w + nb * block_bytes;
+          switch (rows) {
+            case 4: bf16_dots<4, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            case 3: bf16_dots<3, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            case 2: bf16_dots<2, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            default: bf16_dots<1, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+          }
+          store(i, rows, nb * 16, 2, sums);
+        }
+    }
+  });
+  return out;
+}
+#endif  // !__AVX512BF16__
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+// ---- 8 floats at a time: the AVX-512 set's ops on CPUs that lack it -------------------------
+
+// Sleef's vector exp, exported by libtorch_cpu: the one aten's float ops use, so the same bits.
+extern "C" __m256 Sleef_expf8_u10(__m256);
+extern "C" __m256 Sleef_logf8_u10(__m256);
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits(v)); }
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The value a float takes once stored as T: rounding to bf16 between two ops, as aten does.
+inline __m256 round_as(__m256 v, const float*) { return v; }
+inline __m256 round_as(__m256 v, const bf16*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+
+// fn(d, rows) for each 8 elements d.. of `count` rows; the last dim % 8 through zero-padded
+// copies (then d = 0 and rows are the copies), written back to the rows whose bit is set in
+// `written`. These ops' rows are whole vectors in every model here but not in every test.
+template <typename T, typename Fn>
+inline void for_each_8(int64_t dim, T* const* rows, int count, unsigned written, Fn&& fn) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) fn(d, rows);
+  if (d == dim) return;
+  alignas(32) T tail[4][8] = {};
+  T* tails[4];
+  for (int i = 0; i < count; ++i) std::copy(rows[i] + d, rows[i] + dim, tails[i] = tail[i]);
+  fn(0, tails);
+  for (int i = 0; i < count; ++i)
+    if (written >> i & 1) std::copy(tail[i], tail[i] + (dim - d), rows[i] + d);
+}
+
+// ---- RMSNorm (cpu_ops.cpp's, 8 lanes) ---------------------------------------------------------
+// out = weight * T(x * rsqrt(mean(x^2) + eps)), x in float32; with a residual, residual =
+// T(x + residual) first and the norm is of the new residual.
+template <typename T>
+void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t dim, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* sum_rows[2] = {const_cast<T*>(x + r * dim), residual ? residual + r * dim : nullptr};
+      __m256 sq = _mm256_setzero_ps();
+      for_each_8(dim, sum_rows, residual ? 2 : 1, 0b10, [&](int64_t d, T* const* p) {
+        __m256 v = load8(p[0] + d);
+        if (residual) {
+          v = round_as(_mm256_add_ps(v, load8(p[1] + d)), p[0]);
+          store8(p[1] + d, v);
+        }
+        sq = _mm256_fmadd_ps(v, v, sq);
+      });
+      const T* in = residual ? sum_rows[1] : sum_rows[0];
+      const __m256 inv = _mm256_set1_ps(1.0f / std::sqrt(sum8(sq) / static_cast<float>(dim) + static_cast<float>(eps)));
+      T* norm_rows[3] = {const_cast<T*>(in), const_cast<T*>(weight), out + r * dim};
+      for_each_8(dim, norm_rows, 3, 0b100, [&](int64_t d, T* const* p) {
+        store8(p[2] + d, _mm256_mul_ps(load8(p[1] + d), round_as(_mm256_mul_ps(load8(p[0] + d), inv), p[0])));
+      });
+    }
+  });
+}
+
+#define PINFER_FLOAT_TYPES(TYPE, NAME, ...)                                                  \
+  [&] {                                                                                   \
+    if ((TYPE) == at::kBFloat16) {                                                        \
+      using scalar_t = bf16;                                                              \
+      __VA_ARGS__();                                                                      \
+    } else {                                                                              \
+      TORCH_CHECK((TYPE) == at::kFloat, NAME ": float32 or bfloat16 only, got ", (TYPE)); \
+      using scalar_t = float;                                                             \
+      __VA_ARGS__();                                                                      \
+    }                                                                                     \
+  }()
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type());
+  auto out = at::empty_like(x);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  PINFER_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            rows, dim, eps);
+  });
+  return out;
+}
+
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type());
+  auto out = at::empty_like(x);
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  PINFER_FLOAT_TYPES(x.scalar_type(), "add_rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), rows, dim, eps);
+  });
+  return out;
+}
+
+// ---- RoPE, "rotate half" layout, in place (cpu_ops.cpp's, 8 lanes) ---------------------------
+// x1' = x1*c - x2*s, x2' = x2*c + x1*s with c, s rounded to T first and every product and sum
+// rounded to T, as the aten ops of layers/rotary.py do in T: the same bits.
+template <typename T>
+void rotate_heads(T* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride, const float* cos,
+                  const float* sin, const int64_t* positions) {
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        T* head = x + t * token_stride + h * head_dim;
+        const float* cs[2] = {cos + positions[t] * half, sin + positions[t] * half};
+        int64_t d = 0;
+        auto rotate = [&](const float* c_row, const float* s_row, T* x1p, T* x2p) {
+          const __m256 c = round_as(_mm256_loadu_ps(c_row), head), s = round_as(_mm256_loadu_ps(s_row), head);
+          const __m256 x1 = load8(x1p), x2 = load8(x2p);
+          store8(x1p, _mm256_sub_ps(round_as(_mm256_mul_ps(x1, c), head), round_as(_mm256_mul_ps(x2, s), head)));
+          store8(x2p, _mm256_add_ps(round_as(_mm256_mul_ps(x2, c), head), round_as(_mm256_mul_ps(x1, s), head)));
+        };
+        for (; d + 8 <= half; d += 8) rotate(cs[0] + d, cs[1] + d, head + d, head + half + d);
+        if (d < half) {  // a partial vector: through zero-padded copies
+          alignas(32) float c_tail[8] = {}, s_tail[8] = {};
+          alignas(32) T x1_tail[8] = {}, x2_tail[8] = {};
+          std::copy(cs[0] + d, cs[0] + half, c_tail), std::copy(cs[1] + d, cs[1] + half, s_tail);
+          std::copy(head + d, head + half, x1_tail), std::copy(head + half + d, head + head_dim, x2_tail);
+          rotate(c_tail, s_tail, x1_tail, x2_tail);
+          std::copy(x1_tail, x1_tail + (half - d), head + d), std::copy(x2_tail, x2_tail + (half - d), head + half + d);
+        }
+      }
+  });
+}
+
+void rotary_(at::Tensor& query, at::Tensor& key, const at::Tensor& cos, const at::Tensor& sin,
+             const at::Tensor& positions) {
+  // query [T, H, D], key [T, Hkv, D]: views of the fused qkv output (rows strided, heads contiguous)
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && key.stride(2) == 1 &&
+              key.stride(1) == key.size(2));
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat);
+  auto pos = positions.contiguous();
+  PINFER_FLOAT_TYPES(query.scalar_type(), "rotary_", [&] {
+    rotate_heads<scalar_t>(query.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0),
+                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
+    rotate_heads<scalar_t>(key.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0),
+                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
+  });
+}
+
+// ---- SwiGLU: T(T(silu(gate)) * up), silu(g) = g / (1 + exp(-g)) with Sleef's exp, as aten's ----
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* gate_up_out[3] = {const_cast<T*>(gate_up + r * 2 * width), const_cast<T*>(gate_up + r * 2 * width + width),
+                     out + r * width};
+      for_each_8(width, gate_up_out, 3, 0b100, [&](int64_t d, T* const* p) {
+        const __m256 g = load8(p[0] + d);
+        const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = round_as(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), p[0]);
+        store8(p[2] + d, _mm256_mul_ps(silu, load8(p[1] + d)));
+      });
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0);
+  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / gate_up.size(-1);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = width;
+  auto out = at::empty(sizes, gate_up.options());
+  PINFER_FLOAT_TYPES(gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, width);
+  });
+  return out;
+}
+
+// ---- sampling: Gumbel-max at a temperature (cpu_ops.cpp's gumbel_sample, 8 lanes) -----------
+// sampling/sampler.py's _plain_random_sample: the noise of sampling/random.py bit for bit (its
+// 32-bit hash and Sleef's logf, aten's log), so the same tokens and ranks; the logsumexp in
+// another order (in double), so logprobs to float32 rounding. As in cpu_ops.cpp, only the tokens that can
+// still win get noise: x >= max(x) - (high - low) are kept, the near-top ones' noise bounds the
+// winner, and only kept tokens within that bound are drawn. AVX2 has no compress: the kept
+// tokens are appended lane by lane from a comparison's bit mask.
+
+constexpr uint32_t kLowbiasC1 = 0x7FEB352Du, kLowbiasC2 = 0x846CA68Bu;  // sampling/random.py's
+
+inline __m256i lowbias32(__m256i x, bool finish) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(kLowbiasC1)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(kLowbiasC2)));
+  if (finish) x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  return x;
+}
+
+// log(-log(u)) for the uniforms of random.uniform(): x - this is x + Gumbel noise.
+inline __m256 log_neg_log_uniform(__m256i key, __m256i token) {
+  const __m256i token_hash = lowbias32(_mm256_xor_si256(token, _mm256_set1_epi32(static_cast<int32_t>(0x9E3779B9u))), true);
+  __m256i bits = lowbias32(_mm256_xor_si256(key, token_hash), false);
+  bits = _mm256_or_si256(_mm256_srli_epi32(bits, 9), _mm256_set1_epi32(0x3F800000));
+  const __m256 u = _mm256_sub_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(1.0f - 5.9604644775390625e-08f));
+  return Sleef_logf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), Sleef_logf8_u10(u)));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// The first maximum over values seen 8 at a time: per lane the best value and its id (strict >,
+// so a lane keeps its earliest), then the smallest id among the lanes at the top.
+struct FirstMax {
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  __m256i best_id = _mm256_setzero_si256();
+  inline void update(__m256 values, __m256i ids) {
+    const __m256 better = _mm256_cmp_ps(values, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, values, better);
+    best_id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_id), _mm256_castsi256_ps(ids), better));
+  }
+  inline int32_t id() const {
+    alignas(32) float values[8];
+    alignas(32) int32_t ids[8];
+    _mm256_store_ps(values, best), _mm256_store_si256(reinterpret_cast<__m256i*>(ids), best_id);
+    const float top = max8(best);
+    int32_t first = INT32_MAX;
+    for (int i = 0; i < 8; ++i)
+      if (values[i] == top) first = std::min(first, ids[i]);
+    return first == INT32_MAX ? 0 : first;
+  }
+};
+
+const __m256i kLane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+
+// fn(v, values, lanes): a row's values as floats, 8 at a time, and the bit mask of the lanes in
+// the row; the last vector is padded with -inf (never a maximum, nothing to a sum of exps).
+template <typename T, typename Fn>
+inline void for_each_8_of_row(const T* row, int64_t vocab, Fn&& fn) {
+  int64_t v = 0;
+  for (; v + 8 <= vocab; v += 8) fn(v, load8(row + v), 0xFFu);
+  if (v < vocab) {
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = v + i < vocab ? static_cast<float>(row[v + i]) : -INFINITY;
+    fn(v, _mm256_load_ps(tail), (1u << (vocab - v)) - 1);
+  }
+}
+
+// The first maximum of x - log(-log u) over count (x, id) pairs; the buffers have 8 spare slots.
+inline FirstMax noisy_max(float* x, int32_t* ids, int64_t count, __m256i key) {
+  for (int64_t i = count; i < count + 8; ++i) x[i] = -INFINITY, ids[i] = 0;
+  FirstMax noisy;
+  for (int64_t i = 0; i < count; i += 8) {
+    const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + i));
+    noisy.update(_mm256_sub_ps(_mm256_loadu_ps(x + i), log_neg_log_uniform(key, id)), id);
+  }
+  return noisy;
+}
+
+// Bounds of log(-log(u)) over the uniforms random.uniform() can make, (2m + 1) * 2^-24, computed
+// as log_neg_log_uniform computes them.
+inline std::pair<float, float> log_neg_log_bounds() {
+  auto at = [](float u) {
+    return _mm256_cvtss_f32(Sleef_logf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), Sleef_logf8_u10(_mm256_set1_ps(u)))));
+  };
+  return {at(1.0f - 5.9604644775390625e-08f), at(5.9604644775390625e-08f)};
+}
+
+constexpr float kNearTop = 8.0f;  // cpu_ops.cpp's: the near-top tokens' noise bounds the winner
+
+struct SampleScratch {
+  std::vector<float> kept_x, kept_source, noisy_x;
+  std::vector<int32_t> kept_ids, noisy_ids;
+  explicit SampleScratch(int64_t vocab)
+      : kept_x(vocab + 8), kept_source(vocab + 8), noisy_x(vocab + 8), kept_ids(vocab + 8), noisy_ids(vocab + 8) {}
+};
+
+template <typename T>
+void gumbel_sample_row(const T* row, int64_t vocab, float temperature, int32_t row_key, bool processed, float low,
+                       float high, SampleScratch& scratch, int64_t* token_id, float* chosen_logprob, int64_t* rank_out) {
+  const bool unit = temperature == 1.0f;  // x = logits / 1 is the logits: no divisions, the same bits
+  const __m256 t = _mm256_set1_ps(temperature);
+  auto scaled = [&](__m256 raw) { return unit ? raw : _mm256_div_ps(raw, t); };
+  __m256 x_max = _mm256_set1_ps(-INFINITY), raw_max = _mm256_set1_ps(-INFINITY);
+  for_each_8_of_row(row, vocab, [&](int64_t, __m256 raw, unsigned) {
+    x_max = _mm256_max_ps(x_max, scaled(raw));
+    raw_max = _mm256_max_ps(raw_max, raw);
+  });
+  const float top_x = max8(x_max);
+  const float mx = processed || unit ? top_x : max8(raw_max);
+  float threshold = top_x - (high - low) - 1e-3f * (1.0f + std::fabs(top_x));
+  if (!std::isfinite(threshold)) threshold = -INFINITY;  // an infinite logit: keep every token
+  // the tokens that can win, with their logprob source, the near-top ones, and the logsumexp's sum
+  float *kept_x = scratch.kept_x.data(), *kept_source = scratch.kept_source.data(), *noisy_x = scratch.noisy_x.data();
+  int32_t *kept_ids = scratch.kept_ids.data(), *noisy_ids = scratch.noisy_ids.data();
+  const float near_top = top_x - kNearTop;
+  // in double: 8 float32 lanes of ~6,000 terms each lost up to 1e-4 of a logprob when a few
+  // large terms sit in the lanes beside thousands of small ones (a tied top, the test's one_top)
+  __m256d sum = _mm256_setzero_pd();
+  int64_t kept = 0, top_count = 0;
+  for_each_8_of_row(row, vocab, [&](int64_t v, __m256 raw, unsigned lanes) {
+    const __m256 x = scaled(raw), source = processed ? x : raw;
+    const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(source, _mm256_set1_ps(mx)));
+    sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)), _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
+    unsigned may_win = lanes & static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(threshold), _CMP_GE_OQ)));
+    if (may_win == 0) return;
+    alignas(32) float xs[8], sources[8];
+    _mm256_store_ps(xs, x), _mm256_store_ps(sources, source);
+    for (; may_win; may_win &= may_win - 1) {
+      const int lane = __builtin_ctz(may_win);
+      kept_x[kept] = xs[lane], kept_source[kept] = sources[lane], kept_ids[kept] = static_cast<int32_t>(v + lane);
+      ++kept;
+      if (xs[lane] >= near_top) noisy_x[top_count] = xs[lane], noisy_ids[top_count++] = static_cast<int32_t>(v + lane);
+    }
+  });
+  const __m256i key = _mm256_set1_epi32(row_key);
+  // a kept token scores at most x - low, so only those with x - low >= the near-top best can win or tie
+  const float best = max8(noisy_max(noisy_x, noisy_ids, top_count, key).best);
+  float bound = best - 1e-3f * (1.0f + std::fabs(best));  // the margin covers rounding
+  if (!std::isfinite(bound)) bound = -INFINITY;
+  int64_t contenders = 0;
+  for (int64_t i = 0; i < kept; ++i)
+    if (kept_x[i] - low >= bound) noisy_x[contenders] = kept_x[i], noisy_ids[contenders++] = kept_ids[i];
+  const int32_t token = noisy_max(noisy_x, noisy_ids, contenders, key).id();
+  const float chosen_raw = static_cast<float>(row[token]);
+  const float chosen = processed && !unit ? chosen_raw / temperature : chosen_raw;
+  // the rank: every token scoring >= the chosen one is kept (x = raw / T grows with raw)
+  int64_t rank = 0;
+  for (int64_t i = 0; i < kept; ++i) rank += kept_source[i] >= chosen;
+  *token_id = token;
+  alignas(32) double sums[4];
+  _mm256_store_pd(sums, sum);
+  *chosen_logprob = chosen - (mx + static_cast<float>(std::log((sums[0] + sums[1]) + (sums[2] + sums[3]))));
+  *rank_out = rank;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_sample(const at::Tensor& logits, const at::Tensor& temperature,
+                                                             const at::Tensor& row_keys, bool processed) {
+  // logits [B, V]; temperature [B] float32 (> 0); row_keys [B] int32 (sampling/random.py row_keys)
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous());
+  auto temp = temperature.to(at::kFloat).contiguous();
+  auto keys = row_keys.contiguous();
+  TORCH_CHECK(keys.scalar_type() == at::kInt && temp.numel() == logits.size(0) && keys.numel() == logits.size(0));
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab < (int64_t{1} << 31), "vocabulary too large for 32-bit token ids");
+  auto token_ids = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto chosen = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto ranks = at::empty({rows}, logits.options().dtype(at::kLong));
+  const auto [low, high] = log_neg_log_bounds();
+  PINFER_FLOAT_TYPES(logits.scalar_type(), "gumbel_sample", [&] {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      SampleScratch scratch(vocab);
+      for (int64_t r = begin; r < end; ++r)
+        gumbel_sample_row(logits.data_ptr<scalar_t>() + r * vocab, vocab, temp.data_ptr<float>()[r],
+                          keys.data_ptr<int32_t>()[r], processed, low, high, scratch, token_ids.data_ptr<int64_t>() + r,
+                          chosen.data_ptr<float>() + r, ranks.data_ptr<int64_t>() + r);
+    });
+  });
+  return {token_ids, chosen, ranks};
+}
+
+// Greedy rows: the first maximum of each row (torch's max(dim=-1).indices for finite logits).
+at::Tensor argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "argmax: logits [B, V] contiguous");
+  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  const int64_t vocab = logits.size(1);
+  PINFER_FLOAT_TYPES(logits.scalar_type(), "argmax", [&] {
+    at::parallel_for(0, logits.size(0), 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        FirstMax top;
+        for_each_8_of_row(logits.data_ptr<scalar_t>() + r * vocab, vocab, [&](int64_t v, __m256 values, unsigned) {
+          top.update(values, _mm256_add_epi32(kLane, _mm256_set1_epi32(static_cast<int32_t>(v))));
+        });
+        out.data_ptr<int64_t>()[r] = top.id();
+      }
+    });
+  });
+  return out;
+}
+
+constexpr int64_t kPrefetchPositions = 8;  // the pages are cold: fetch K and V rows this far ahead
+
+// ---- paged decode attention ------------------------------------------------------------------
+// One new token per sequence against its cached context, read in place from the pool's pages
+// through the block table (the PyTorch path gathers the pages into a padded batch first, then
+// runs SDPA with a mask). An item is one sequence and one kv head with its `group` query heads;
+// items are split between the threads by their positions. Per query row: scores = (q * scale).K
+// in float32, softmax (Sleef's exp, as aten's), then P.V in float32; out rounded to T once.
+
+// VECS = head_dim / 8, known at compile time for the common sizes (a query row's accumulators in
+// registers up to 16 vectors), else 0 and head_dim / 8 <= 32 read at run time.
+template <int VECS, typename T>
+void decode_item(const T* q, int64_t head_dim, const T* const* k_rows, const T* const* v_rows, int64_t n,
+                 int64_t group, float scale, float* scores, T* out) {
+  constexpr int kMaxVecs = VECS > 0 ? VECS : 32;
+  const int vecs = VECS > 0 ? VECS : static_cast<int>(head_dim / 8);
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < group; ++r) {
+    __m256 qv[kMaxVecs];
+    for (int c = 0; c < vecs; ++c) qv[c] = _mm256_mul_ps(load8(q + r * head_dim + c * 8), _mm256_set1_ps(scale));
+    float* s = scores + r * n;
+    for (int64_t t = 0; t < n; ++t) {
+      if (r == 0 && t + kPrefetchPositions < n)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(k_rows[t + kPrefetchPositions]) + b, _MM_HINT_T0);
+      __m256 dot = _mm256_mul_ps(qv[0], load8(k_rows[t]));
+      for (int c = 1; c < vecs; ++c) dot = _mm256_fmadd_ps(qv[c], load8(k_rows[t] + c * 8), dot);
+      s[t] = sum8(dot);
+    }
+    float max_score = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) max_score = std::max(max_score, s[t]);
+    const __m256 m = _mm256_set1_ps(max_score);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+      const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+      _mm256_storeu_ps(s + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = sum8(sum);
+    for (; t < n; ++t) total += (s[t] = std::exp(s[t] - max_score));
+    const float inv_sum = 1.0f / total;
+
+    __m256 acc[kMaxVecs];
+    for (int c = 0; c < vecs; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < n; ++u) {
+      if (r == 0 && u + kPrefetchPositions < n)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(v_rows[u + kPrefetchPositions]) + b, _MM_HINT_T0);
+      const __m256 p = _mm256_set1_ps(s[u]);
+      for (int c = 0; c < vecs; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v_rows[u] + c * 8), acc[c]);
+    }
+    const __m256 inv = _mm256_set1_ps(inv_sum);
+    for (int c = 0; c < vecs; ++c) store8(out + r * head_dim + c * 8, _mm256_mul_ps(acc[c], inv));
+  }
+}
+
+template <typename T>
+void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+                      int64_t max_blocks, const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window) {
+  const int64_t group = num_heads / num_kv_heads, items = num_seqs * num_kv_heads;
+  const int64_t token_stride = num_kv_heads * head_dim, block_stride = block_size * token_stride;
+  auto first_position = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, context_lens[b] - window) : 0; };
+  // contiguous item ranges of about equal positions per thread: contexts differ
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> cost_before(items + 1, 0);
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t b = i / num_kv_heads;
+    cost_before[i + 1] = cost_before[i] + context_lens[b] - first_position(b) + 16;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
+    std::vector<const T*> k_rows, v_rows;
+    std::vector<float> scores;
+    for (int64_t thread = first_thread; thread < last_thread; ++thread) {
+      const int64_t begin = std::lower_bound(cost_before.begin(), cost_before.end(), cost_before[items] * thread / threads) - cost_before.begin();
+      const int64_t end = std::lower_bound(cost_before.begin(), cost_before.end(), cost_before[items] * (thread + 1) / threads) - cost_before.begin();
+      for (int64_t item = begin; item < std::min(end, items); ++item) {
+        const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+        const int64_t first = first_position(b), n = context_lens[b] - first;
+        const int64_t* table = block_tables + b * max_blocks;
+        k_rows.resize(n), v_rows.resize(n), scores.resize(group * n);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t pos = first + t;
+          const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h * head_dim;
+          k_rows[t] = k_cache + offset, v_rows[t] = v_cache + offset;
+        }
+        const T* qi = q + b * q_stride + h * group * head_dim;
+        T* oi = out + (b * num_heads + h * group) * head_dim;
+        const auto args = std::make_tuple(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), oi);
+        if (head_dim == 64) std::apply(decode_item<8, T>, args);
+        else if (head_dim == 128) std::apply(decode_item<16, T>, args);
+        else std::apply(decode_item<0, T>, args);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t sliding_window) {
+  // query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && query.scalar_type() == k_cache.scalar_type() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "paged_decode_attention: contiguous pools of the query's dtype");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(head_dim % 16 == 0 && head_dim <= 256, "paged_decode_attention: head_dim ", head_dim,
+              " (AVX2: a multiple of 16 up to 256)");
+  const at::Tensor q = query.stride(2) == 1 && query.stride(1) == head_dim ? query : query.contiguous();
+  const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+              "paged_decode_attention: int64 block tables and lengths");
+  auto out = at::empty(q.sizes(), q.options());
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    decode_attention<T>(q.data_ptr<T>(), q.stride(0), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                        tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(),
+                        q.size(0), q.size(1), k_cache.size(2), head_dim, k_cache.size(1), static_cast<float>(scale),
+                        sliding_window);
+  };
+  if (q.scalar_type() == at::kBFloat16) {
+    run(static_cast<bf16*>(nullptr));
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
+    run(static_cast<float*>(nullptr));
+  }
+  return out;
+}
+#endif  // no AVX-512
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pinfer, m) {
+#if !defined(__AVX512BF16__)
+  m.def("bf16_gemm(Tensor x, Tensor packed, Tensor? bias) -> Tensor", &bf16_gemm);
+#endif
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
+        &gumbel_sample);
+  m.def("argmax(Tensor logits) -> Tensor", &argmax);
+  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int sliding_window) -> Tensor", &paged_decode_attention);
+#endif
+}
+#endif  // AVX2 and FMA
