@@ -634,3 +634,18 @@ def test_tiny_llama_tokenizer_from_file(tiny_llama):
     assert tokenizer.convert_ids_to_tokens(ids) == ["<|im_start|>", "ab", "to", "z"]
     assert tokenizer.chat_template == "{{ messages[0]['content'] }}"
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_a_fast_bf16_matmul(tiny_llama, monkeypatch):
+    """A GGUF file loads in bf16, except on a CPU where neither pinfer's bf16 GEMM nor oneDNN's
+    exists (aten's bf16 linear runs ~8x slower than float32 there)."""
+    from pinfer.loading import loader
+
+    checkpoint = GGUFCheckpoint(tiny_llama[0])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for own_gemm, onednn in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(loader.kernels, "has", lambda op, own_gemm=own_gemm: own_gemm)
+        monkeypatch.setattr(loader, "onednn_packs", lambda dtype, onednn=onednn: onednn)
+        fast = own_gemm or onednn
+        assert loader.default_dtype(checkpoint, cpu) == (torch.bfloat16 if fast else torch.float32)
+        assert loader.default_dtype(checkpoint, cuda) == torch.bfloat16

@@ -71,8 +71,8 @@ class LLMEngine:
         self.config = config
         checkpoint = open_checkpoint(config.model)
         self.model_config = ModelConfig.from_hf_config(checkpoint.config)
-        self.dtype = default_dtype(checkpoint) if config.dtype == "auto" else parse_dtype(config.dtype)
         self.device = _resolve_device(config.device)
+        self.dtype = default_dtype(checkpoint, self.device) if config.dtype == "auto" else parse_dtype(config.dtype)
         self.max_model_len = self._max_model_len()
         self.tokenizer = checkpoint.load_tokenizer()
         tp = config.tensor_parallel_size

@@ -90,7 +90,7 @@ def load() -> bool:
         if not hasattr(torch.ops.pinfer, "paged_decode_attention"):
             _state["reason"] = "this CPU has neither AVX-512 nor AVX2 with FMA"
             return False
-        _state["loaded"], _state["reason"] = True, "loaded (AVX2: the bf16 GEMM and decode attention only)"
+        _state["loaded"], _state["reason"] = True, "loaded (AVX2: a subset, has(op) tells which)"
         return True
     # AMX tiles for the GEMMs where the CPU has them (and Linux grants them); PINFER_AMX=0: AVX-512 only
     _state["amx"] = torch.ops.pinfer.use_amx(os.environ.get("PINFER_AMX", "1") != "0")

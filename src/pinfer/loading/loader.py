@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pinfer import kernels
 from pinfer.config import ModelConfig
 from pinfer.errors import ModelLoadError, PinferError
 from pinfer.loading.checkpoint import Checkpoint
@@ -14,6 +15,7 @@ from pinfer.loading.resolve import resolve_model
 from pinfer.loading.safetensors_loader import SafetensorsCheckpoint
 from pinfer.memory import return_freed_memory_to_os
 from pinfer.model.huge_pages import move_to_huge_pages
+from pinfer.model.packed_linear import onednn_packs
 from pinfer.model.quantization import hot_quantized_tensors, quantize_model
 from pinfer.model.registry import check_architecture, model_class_for
 
@@ -33,10 +35,15 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     return checkpoint
 
 
-def default_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    """bfloat16 for GGUF (quantized or 16-bit) and 16-bit checkpoints, float32 for float32 ones."""
+def default_dtype(checkpoint: Checkpoint, device: torch.device | None = None) -> torch.dtype:
+    """bfloat16 for GGUF (quantized or 16-bit) and 16-bit checkpoints, float32 for float32 ones;
+    and float32 on a CPU with no fast bf16 matmul: neither pinfer's GEMM (no compiler, or an x86
+    without AVX2) nor oneDNN's (which needs AVX-512 or AVX-NE-CONVERT), where aten's bf16 linear
+    runs ~8x slower than float32's (a Zen 3 core: ~8 vs ~67 GFLOPS)."""
     declared = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
     if declared == "float32":
+        return torch.float32
+    if (device is None or device.type == "cpu") and not (kernels.has("bf16_gemm") or onednn_packs(torch.bfloat16)):
         return torch.float32
     return torch.bfloat16
 
