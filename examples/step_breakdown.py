@@ -24,6 +24,7 @@ import argparse
 import collections
 import functools
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def instrumented_source(directory: Path) -> tuple[Path, list[str]]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "cpu_ops_timed.cpp"
     path.write_text(source)
+    shutil.copy(kernels.HEADER, directory)  # the source includes it from its own folder
     return path, source.splitlines()
 
 

@@ -1,4 +1,4 @@
-"""pinfer's own CPU kernels (cpu_ops.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
+"""pinfer's own CPU kernels (cpu_ops.cpp, cpu_ops_avx2.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
 residual add, in-place RoPE, SwiGLU, the KV store, paged decode (bf16, float32 and int8 pools)
 and (bf16) prefill attention,
 the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
@@ -45,6 +45,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("cpu_ops.cpp"), Path(__file__).with_name("cpu_ops_avx2.cpp")]
+HEADER = Path(__file__).with_name("cpu_ops_entry.h")  # both sources include it
 # -fopenmp: at::parallel_for is OpenMP, serial without it; -ffp-contract=off: no FMA where aten rounds twice
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -63,7 +64,7 @@ def _build_key() -> str:
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    text = "\n".join([*(source.read_text() for source in SOURCES), " ".join(_FLAGS), torch.__version__,
+    text = "\n".join([*(path.read_text() for path in [*SOURCES, HEADER]), " ".join(_FLAGS), torch.__version__,
                       platform.machine(), cpu])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

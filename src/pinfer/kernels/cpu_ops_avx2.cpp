@@ -27,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -157,6 +156,8 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::o
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
 // ---- 8 floats at a time: the AVX-512 set's ops on CPUs that lack it -------------------------
 
+#include "cpu_ops_entry.h"  // the entry points both kernel files share
+
 // Sleef's vector exp, exported by libtorch_cpu: the one aten's float ops use, so the same bits.
 extern "C" __m256 Sleef_expf8_u10(__m256);
 extern "C" __m256 Sleef_logf8_u10(__m256);
@@ -224,41 +225,6 @@ void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t row
   });
 }
 
-#define PINFER_FLOAT_TYPES(TYPE, NAME, ...)                                                  \
-  [&] {                                                                                   \
-    if ((TYPE) == at::kBFloat16) {                                                        \
-      using scalar_t = bf16;                                                              \
-      __VA_ARGS__();                                                                      \
-    } else {                                                                              \
-      TORCH_CHECK((TYPE) == at::kFloat, NAME ": float32 or bfloat16 only, got ", (TYPE)); \
-      using scalar_t = float;                                                             \
-      __VA_ARGS__();                                                                      \
-    }                                                                                     \
-  }()
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type());
-  auto out = at::empty_like(x);
-  const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  PINFER_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
-    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            rows, dim, eps);
-  });
-  return out;
-}
-
-at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous());
-  TORCH_CHECK(x.scalar_type() == residual.scalar_type() && x.scalar_type() == weight.scalar_type());
-  auto out = at::empty_like(x);
-  const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  PINFER_FLOAT_TYPES(x.scalar_type(), "add_rms_norm", [&] {
-    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                            out.data_ptr<scalar_t>(), rows, dim, eps);
-  });
-  return out;
-}
-
 // ---- RoPE, "rotate half" layout, in place (cpu_ops.cpp's, 8 lanes) ---------------------------
 // x1' = x1*c - x2*s, x2' = x2*c + x1*s with c, s rounded to T first and every product and sum
 // rounded to T, as the aten ops of layers/rotary.py do in T: the same bits.
@@ -291,21 +257,6 @@ void rotate_heads(T* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
   });
 }
 
-void rotary_(at::Tensor& query, at::Tensor& key, const at::Tensor& cos, const at::Tensor& sin,
-             const at::Tensor& positions) {
-  // query [T, H, D], key [T, Hkv, D]: views of the fused qkv output (rows strided, heads contiguous)
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2) && key.stride(2) == 1 &&
-              key.stride(1) == key.size(2));
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat);
-  auto pos = positions.contiguous();
-  PINFER_FLOAT_TYPES(query.scalar_type(), "rotary_", [&] {
-    rotate_heads<scalar_t>(query.data_ptr<scalar_t>(), query.size(0), query.size(1), query.size(2), query.stride(0),
-                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
-    rotate_heads<scalar_t>(key.data_ptr<scalar_t>(), key.size(0), key.size(1), key.size(2), key.stride(0),
-                           cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>());
-  });
-}
-
 // ---- SwiGLU: T(T(silu(gate)) * up), silu(g) = g / (1 + exp(-g)) with Sleef's exp, as aten's ----
 template <typename T>
 void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
@@ -321,18 +272,6 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
       });
     }
   });
-}
-
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.is_contiguous() && gate_up.size(-1) % 2 == 0);
-  const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / gate_up.size(-1);
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = width;
-  auto out = at::empty(sizes, gate_up.options());
-  PINFER_FLOAT_TYPES(gate_up.scalar_type(), "silu_mul", [&] {
-    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, width);
-  });
-  return out;
 }
 
 // ---- sampling: Gumbel-max at a temperature (cpu_ops.cpp's gumbel_sample, 8 lanes) -----------
@@ -494,48 +433,30 @@ void gumbel_sample_row(const T* row, int64_t vocab, float temperature, int32_t r
   *rank_out = rank;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_sample(const at::Tensor& logits, const at::Tensor& temperature,
-                                                             const at::Tensor& row_keys, bool processed) {
-  // logits [B, V]; temperature [B] float32 (> 0); row_keys [B] int32 (sampling/random.py row_keys)
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous());
-  auto temp = temperature.to(at::kFloat).contiguous();
-  auto keys = row_keys.contiguous();
-  TORCH_CHECK(keys.scalar_type() == at::kInt && temp.numel() == logits.size(0) && keys.numel() == logits.size(0));
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  TORCH_CHECK(vocab < (int64_t{1} << 31), "vocabulary too large for 32-bit token ids");
-  auto token_ids = at::empty({rows}, logits.options().dtype(at::kLong));
-  auto chosen = at::empty({rows}, logits.options().dtype(at::kFloat));
-  auto ranks = at::empty({rows}, logits.options().dtype(at::kLong));
+template <typename T>
+void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const float* temperature, const int32_t* keys,
+                        bool processed, int64_t* token_ids, float* chosen_logprobs, int64_t* ranks) {
   const auto [low, high] = log_neg_log_bounds();
-  PINFER_FLOAT_TYPES(logits.scalar_type(), "gumbel_sample", [&] {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      SampleScratch scratch(vocab);
-      for (int64_t r = begin; r < end; ++r)
-        gumbel_sample_row(logits.data_ptr<scalar_t>() + r * vocab, vocab, temp.data_ptr<float>()[r],
-                          keys.data_ptr<int32_t>()[r], processed, low, high, scratch, token_ids.data_ptr<int64_t>() + r,
-                          chosen.data_ptr<float>() + r, ranks.data_ptr<int64_t>() + r);
-    });
+  at::parallel_for(0, rows, 1, [&, low = low, high = high](int64_t begin, int64_t end) {
+    SampleScratch scratch(vocab);
+    for (int64_t r = begin; r < end; ++r)
+      gumbel_sample_row(logits + r * vocab, vocab, temperature[r], keys[r], processed, low, high, scratch,
+                        token_ids + r, chosen_logprobs + r, ranks + r);
   });
-  return {token_ids, chosen, ranks};
 }
 
 // Greedy rows: the first maximum of each row (torch's max(dim=-1).indices for finite logits).
-at::Tensor argmax(const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "argmax: logits [B, V] contiguous");
-  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
-  const int64_t vocab = logits.size(1);
-  PINFER_FLOAT_TYPES(logits.scalar_type(), "argmax", [&] {
-    at::parallel_for(0, logits.size(0), 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        FirstMax top;
-        for_each_8_of_row(logits.data_ptr<scalar_t>() + r * vocab, vocab, [&](int64_t v, __m256 values, unsigned) {
-          top.update(values, _mm256_add_epi32(kLane, _mm256_set1_epi32(static_cast<int32_t>(v))));
-        });
-        out.data_ptr<int64_t>()[r] = top.id();
-      }
-    });
+template <typename T>
+void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      FirstMax top;
+      for_each_8_of_row(logits + r * vocab, vocab, [&](int64_t v, __m256 values, unsigned) {
+        top.update(values, _mm256_add_epi32(kLane, _mm256_set1_epi32(static_cast<int32_t>(v))));
+      });
+      out[r] = top.id();
+    }
   });
-  return out;
 }
 
 constexpr int64_t kPrefetchPositions = 8;  // the pages are cold: fetch K and V rows this far ahead
@@ -650,19 +571,12 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
               "paged_decode_attention: int64 block tables and lengths");
   auto out = at::empty(q.sizes(), q.options());
-  auto run = [&](auto* type) {
-    using T = std::remove_pointer_t<decltype(type)>;
-    decode_attention<T>(q.data_ptr<T>(), q.stride(0), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-                        tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(),
-                        q.size(0), q.size(1), k_cache.size(2), head_dim, k_cache.size(1), static_cast<float>(scale),
-                        sliding_window);
-  };
-  if (q.scalar_type() == at::kBFloat16) {
-    run(static_cast<bf16*>(nullptr));
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention: float32 or bfloat16 only, got ", q.scalar_type());
-    run(static_cast<float*>(nullptr));
-  }
+  PINFER_DISPATCH(q.scalar_type(), "paged_decode_attention", [&] {
+    decode_attention<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(),
+                               v_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), tables.size(1),
+                               lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), q.size(0), q.size(1), k_cache.size(2),
+                               head_dim, k_cache.size(1), static_cast<float>(scale), sliding_window);
+  });
   return out;
 }
 #endif  // no AVX-512
