@@ -58,6 +58,11 @@ def assert_same(fused, modules) -> None:
 @pytest.mark.parametrize("quantization,kv_cache_dtype",
                          [(None, "auto"), ("int8", "auto"), ("int4", "auto"), (None, "int8"), ("int8", "int8")])
 def test_smollm2_fused_decode_has_the_module_path_bits(smollm2_gguf, quantization, kv_cache_dtype, monkeypatch):
+    # the AVX2 build fuses bf16 linears over bf16 pools only: the int8/int4 GEMMs and int8 pools need AVX-512
+    for op in ({"int8": ["int8_gemm"], "int4": ["int4_gemm"]}.get(quantization, [])
+               + (["paged_decode_attention_int8"] if kv_cache_dtype == "int8" else [])):
+        if not kernels.has(op):
+            pytest.skip(f"no {op} kernel in this build ({kernels.status()})")
     llm = LLM(str(smollm2_gguf), dtype="bfloat16", quantization=quantization, kv_cache_memory="64MiB",
               kv_cache_dtype=kv_cache_dtype)
     chat = llm.apply_chat_template([{"role": "user", "content": "What is 17 + 25?"}])
@@ -99,6 +104,8 @@ def test_qwen3_qk_norms_take_the_modules(tmp_path, tokenizer_dir):
 def test_weight_updates_and_replaced_modules_reach_the_fused_stack(tmp_path, tokenizer_dir, quantization,
                                                                    monkeypatch):
     """The plan of where the tensors live is made once; the tensors are read at every step."""
+    if quantization == "int8" and not kernels.has("int8_gemm"):
+        pytest.skip(f"no int8_gemm kernel in this build ({kernels.status()}): int8 linears do not fuse")
     path = tiny_checkpoint(tmp_path, tokenizer_dir, Qwen2Config(**TINY))
     llm = LLM(str(path), dtype="bfloat16", quantization=quantization, kv_cache_memory="4MiB")
     runner = llm.engine.runner

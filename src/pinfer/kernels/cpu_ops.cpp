@@ -12,8 +12,8 @@
 // by float32 summation order. tests/model/test_cpu_kernels.py checks each against that path.
 //
 // Built with -march=native by kernels/__init__.py, once per machine; without AVX-512 the file
-// still compiles, available() says false and only store_kv and row_keys are built here (cpu_ops_avx2.cpp
-// has a few of the others for AVX2 CPUs); the engine keeps the PyTorch path for the rest.
+// still compiles, available() says false and only row_keys is built here (cpu_ops_avx2.cpp has
+// a few of the others for AVX2 CPUs); the engine keeps the PyTorch path for the rest.
 // Where the CPU has AMX (Sapphire Rapids and later), the GEMMs run on its tiles from 8-16 rows.
 
 #include <ATen/ATen.h>
@@ -970,61 +970,6 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
 }
 
 
-#endif  // PINFER_AVX512
-
-// ---- writing the new tokens' K and V into their pool slots ---------------------------------
-// Plain copies, so built for every CPU (the AVX2-only ones included).
-
-// slot_mapping as a contiguous int64 tensor, every slot checked to lie in a pool of cache's blocks
-at::Tensor checked_slots(const at::Tensor& slot_mapping, const at::Tensor& cache, const char* name) {
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, name, ": int64 slot_mapping");
-  auto slots = slot_mapping.contiguous();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t num_slots = cache.size(0) * cache.size(1);
-  for (int64_t t = 0; t < slots.numel(); ++t)
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, name, ": slot ", slot[t], " outside the pool");
-  return slots;
-}
-
-// A decode step writes one token per sequence, each to a slot in another block: every row's
-// lines miss the caches, and the writes wait on those misses. So the tokens are split between
-// the threads (in runs of kStoreGrain), and each prefetches, for writing, the slots kStoreAhead
-// tokens on. Serial and without prefetch it took ~1.2 ms a batch-64 step (int8 pools).
-constexpr int64_t kStoreGrain = 8, kStoreAhead = 4;
-
-inline void prefetch_for_write(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 1, 3);
-}
-
-void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slot_mapping) {
-  // key/value [T, Hkv, D], rows may be strided (views of the qkv output); caches [blocks, block_size, Hkv, D]
-  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous());
-  const int64_t row = key.size(1) * key.size(2);
-  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
-              value.stride(1) == value.size(2) && k_cache.size(2) * k_cache.size(3) == row);
-  auto slots = checked_slots(slot_mapping, k_cache, "store_kv");
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t bytes = row * key.element_size();
-  auto* k_src = static_cast<const char*>(key.data_ptr());
-  auto* v_src = static_cast<const char*>(value.data_ptr());
-  auto* k_dst = static_cast<char*>(k_cache.data_ptr());
-  auto* v_dst = static_cast<char*>(v_cache.data_ptr());
-  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
-  at::parallel_for(0, key.size(0), kStoreGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t + kStoreAhead < end) {
-        prefetch_for_write(k_dst + slot[t + kStoreAhead] * bytes, bytes);
-        prefetch_for_write(v_dst + slot[t + kStoreAhead] * bytes, bytes);
-      }
-      std::memcpy(k_dst + slot[t] * bytes, k_src + t * k_stride, bytes);
-      std::memcpy(v_dst + slot[t] * bytes, v_src + t * v_stride, bytes);
-    }
-  });
-}
-
-#if PINFER_AVX512
 #if defined(__AVX512VNNI__)
 void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                    at::Tensor& k_scales, at::Tensor& v_scales, const at::Tensor& slot_mapping) {
@@ -1880,18 +1825,8 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
 #endif
 
 
-// ---- a decode step's whole decoder stack ------------------------------------------------------
-// What model/llama.py's Llama-family layers run when every sequence feeds one token, as the
-// ops above in the same order, so the same bits: the Python path spends ~25 interpreter-level
-// calls per layer around them, ~5 ms of a 15 ms batch-1 token on 2 cores. Layers without q/k
-// norms or experts, bf16, every linear of one kind below (the caller checks).
-// weights: per layer qkv, o, gate_up, down, each as the linear's kind holds it: bf16 packed
-// (1 tensor), int8 (3: packed, row sums, scales) or int4 (1: packed with its scales, for
-// int4_gemm). biases: per layer 4, empty for none.
-// norms: per layer input and post-attention, then the final norm.
-enum LinearKind : int64_t { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
-constexpr int64_t kTensorsPerLinear[] = {1, 3, 1};
 
+// ---- a decode step's whole decoder stack (decode_layers, cpu_ops_entry.h): its two hooks --------
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind,
                         const at::Tensor& bias) {
@@ -1901,50 +1836,19 @@ at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t fir
   return bias.numel() ? out + bias : out;  // the quantized linears add their bias after the matmul, in x's dtype
 }
 
-at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& positions, at::TensorList k_caches,
-                         at::TensorList v_caches, at::TensorList k_scales, at::TensorList v_scales,
-                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                         const at::Tensor& context_lens, const at::Tensor& cos, const at::Tensor& sin,
-                         at::TensorList norms, at::TensorList weights, at::TensorList biases, int64_t kind,
-                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-                         double scale, int64_t sliding_window) {
-  TORCH_CHECK(kind >= kBf16 && kind <= kInt4, "decode_layers: linear kind ", kind);
-  const int64_t layers = static_cast<int64_t>(k_caches.size()), per_linear = kTensorsPerLinear[kind];
-  TORCH_CHECK(v_caches.size() == k_caches.size() && norms.size() == 2 * k_caches.size() + 1 &&
-              static_cast<int64_t>(weights.size()) == 4 * per_linear * layers && biases.size() == 4 * k_caches.size(),
-              "decode_layers: ", layers, " layers need 2 per layer + 1 norms, 4 linears and 4 biases per layer");
-  // int8 KV pools (Int8KV) come with their scale pools; else the scale lists are empty
-  const bool int8_pools = !k_scales.empty();
-  TORCH_CHECK(!int8_pools || (k_scales.size() == k_caches.size() && v_scales.size() == k_caches.size()),
-              "decode_layers: one k and v scale pool per layer");
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, tokens = hidden_in.size(0);
-  at::Tensor residual = hidden_in;
-  at::Tensor hidden = rms_norm(hidden_in, norms[0], eps);
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t w = 4 * per_linear * l;
-    if (l > 0) hidden = add_rms_norm(hidden, residual, norms[2 * l], eps);
-    at::Tensor qkv = stack_linear(hidden, weights, w, kind, biases[4 * l]);
-    at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
-    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
-    at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
-    rotary_(q, k, cos, sin, positions);
-    at::Tensor k_cache = k_caches[l], v_cache = v_caches[l], attn;
-    if (int8_pools) {
-      at::Tensor k_scale = k_scales[l], v_scale = v_scales[l];
-      store_kv_int8(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping);
-      attn = paged_decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale,
-                                         sliding_window);
-    } else {
-      store_kv(k, v, k_cache, v_cache, slot_mapping);
-      attn = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window);
-    }
-    at::Tensor o =
-        stack_linear(attn.reshape({tokens, q_size}), weights, w + per_linear, kind, biases[4 * l + 1]);
-    hidden = add_rms_norm(o, residual, norms[2 * l + 1], eps);
-    at::Tensor gate_up = stack_linear(hidden, weights, w + 2 * per_linear, kind, biases[4 * l + 2]);
-    hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, biases[4 * l + 3]);
+at::Tensor stack_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& k_scale, const at::Tensor& v_scale,
+                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, double scale, int64_t sliding_window) {
+  at::Tensor k_pool = k_cache, v_pool = v_cache;  // the ops take their pools as mutable references
+  if (k_scale.defined()) {
+    at::Tensor k_scales = k_scale, v_scales = v_scale;
+    store_kv_int8(k, v, k_pool, v_pool, k_scales, v_scales, slot_mapping);
+    return paged_decode_attention_int8(q, k_pool, v_pool, k_scales, v_scales, block_tables, context_lens, scale,
+                                       sliding_window);
   }
-  return add_rms_norm(hidden, residual, norms[2 * layers], eps);
+  store_kv(k, v, k_pool, v_pool, slot_mapping);
+  return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale, sliding_window);
 }
 #endif
 
@@ -1954,10 +1858,10 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& position
 
 TORCH_LIBRARY(pinfer, m) {
   m.def("available() -> bool", &available);
-  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-        &store_kv);
   m.def("row_keys(Tensor seeds, Tensor steps) -> Tensor", &row_keys);
 #if PINFER_AVX512
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &store_kv);
   m.def("use_amx(bool allow) -> bool", &use_amx);
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
@@ -1988,12 +1892,7 @@ TORCH_LIBRARY(pinfer, m) {
         "Tensor(d!) v_scales, Tensor slot_mapping) -> ()", &store_kv_int8);
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-  // hidden is the first residual, updated in place, as the module path does with the embedding output
-  m.def("decode_layers(Tensor(c!) hidden, Tensor positions, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
-        "Tensor(d!)[] k_scales, Tensor(e!)[] v_scales, Tensor slot_mapping, "
-        "Tensor block_tables, Tensor context_lens, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] weights, "
-        "Tensor[] biases, int kind, int num_heads, int num_kv_heads, int head_dim, float eps, "
-        "float scale, int sliding_window) -> Tensor", &decode_layers);
+  m.def(kDecodeLayersSchema, &decode_layers);
 #endif
 #endif
 }

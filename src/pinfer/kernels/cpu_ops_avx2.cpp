@@ -579,6 +579,22 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   });
   return out;
 }
+// ---- the decoder stack (decode_layers, cpu_ops_entry.h) on bf16 linears and bf16 pools -------
+at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind,
+                        const at::Tensor& bias) {
+  TORCH_CHECK(kind == kBf16, "decode_layers: the AVX2 build has bf16 linears only");
+  return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+}
+
+at::Tensor stack_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& k_scale, const at::Tensor&,
+                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, double scale, int64_t sliding_window) {
+  TORCH_CHECK(!k_scale.defined(), "decode_layers: the AVX2 build has no int8 KV pools");
+  at::Tensor k_pool = k_cache, v_pool = v_cache;
+  store_kv(k, v, k_pool, v_pool, slot_mapping);
+  return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, scale, sliding_window);
+}
 #endif  // no AVX-512
 
 }  // namespace
@@ -597,6 +613,9 @@ TORCH_LIBRARY_FRAGMENT(pinfer, m) {
   m.def("argmax(Tensor logits) -> Tensor", &argmax);
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int sliding_window) -> Tensor", &paged_decode_attention);
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &store_kv);
+  m.def(kDecodeLayersSchema, &decode_layers);
 #endif
 }
 #endif  // AVX2 and FMA
