@@ -250,14 +250,17 @@ def plot(rows: list[Row], path: str | Path, title: str) -> None:
     if not workloads:
         raise ValueError("nothing to plot: every configuration failed")
     varying = _varying_fields(rows)
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
+    if "engine" in varying:  # each engine's own attention and batch limit: its name says them
+        varying = [f for f in varying if f not in ("attention_backend", "max_num_seqs")]
+    bars = max(sum(r.workload == name for r in rows) for name in workloads)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(max(4.5, 1.05 * bars) * len(workloads), 4), squeeze=False)
     for ax, name in zip(axes[0], workloads):
         subset = [r for r in rows if r.workload == name]
-        labels = ["\n".join(str(getattr(r, f)) for f in varying) or r.model for r in subset]
+        labels = ["\n".join(str(v) for f in varying if (v := getattr(r, f)) is not None) or r.model for r in subset]
         ttft = subset[0].metric == "ttft"
         ax.bar(range(len(subset)), [r.headline()[0] for r in subset], yerr=[r.headline()[1] for r in subset],
                capsize=4, color="tab:orange" if ttft else "tab:blue")
-        ax.set_xticks(range(len(subset)), labels)
+        ax.set_xticks(range(len(subset)), labels, fontsize=8)
         ax.set_title(f"{name} (TTFT s, lower is better)" if ttft else f"{name} ({subset[0].metric} tok/s)")
         ax.set_ylabel("seconds" if ttft else "tokens / s")
     fig.suptitle(title, fontsize=9)
