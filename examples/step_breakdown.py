@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
 
     path, lines = instrumented_source(kernels.cache_dir() / "step_breakdown")
-    kernels.SOURCES = [path]  # the AVX-512 kernels, timed; before anything loads the kernels: this build is the one used
+    kernels.SOURCES = [path]  # the AVX-512 kernels, timed; set before anything loads the kernels
     if not kernels.load():
         raise SystemExit(f"the kernels did not load: {kernels.status()}")
 

@@ -1,12 +1,13 @@
-"""pinfer's own CPU kernels (cpu_ops.cpp, cpu_ops_avx2.cpp), as torch.ops.pinfer.*: RMSNorm fused with the
-residual add, in-place RoPE, SwiGLU, the KV store, paged decode (bf16, float32 and int8 pools)
-and (bf16) prefill attention,
-the sampler's plain-temperature path, GEMMs on weights packed for vpdpbusd (int8 w8a8) and
-vdpbf16ps (bf16), which is also the operand layout of AMX's tile instructions (used from 8-16
-rows where the CPU has them; PINFER_AMX=0 turns them off), and a decode step's whole decoder
-stack in one call (model/fused_decode.py). On CPUs without AVX512-BF16 but with AVX2 and FMA
-(AMD Zen 1-3, Intel client cores since Alder Lake, Skylake-era Xeons) cpu_ops_avx2.cpp builds
-the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul) and the paged decode attention.
+"""pinfer's own CPU kernels (cpu_ops.cpp; cpu_ops_avx2.cpp), as torch.ops.pinfer.*: RMSNorm fused
+with the residual add, in-place RoPE, SwiGLU, the KV store, paged decode (bf16, float32 and int8
+pools) and (bf16) prefill attention, the sampler's plain-temperature path, GEMMs on weights
+packed for vpdpbusd (int8 w8a8) and vdpbf16ps (bf16), which is also the operand layout of AMX's
+tile instructions (used from 8-16 rows where the CPU has them; PINFER_AMX=0 turns them off), and
+a decode step's whole decoder stack in one call (model/fused_decode.py). On CPUs with AVX2 and
+FMA but no AVX-512 (AMD Zen 1-3, Intel client cores since Alder Lake) cpu_ops_avx2.cpp builds a
+subset: the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul), decode attention,
+the norms, RoPE, SwiGLU, the sampler and the bf16 decode stack; on AVX-512 CPUs without
+AVX512-BF16 it builds the bf16 GEMM. cpu_ops_entry.h holds what both files share.
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
@@ -18,13 +19,14 @@ was a third of a batch-1 token. The kernels replace those (numbers in the README
 
 Built with torch's C++ extension loader (g++ and ninja, -march=native) the first time an
 engine starts on a CPU, ~10-30 s, and cached per machine under $PINFER_CACHE/kernels
-(~/.cache/pinfer); later starts load the cached library. No compiler, no AVX-512,
+(~/.cache/pinfer); later starts load the cached library. No compiler, no AVX2,
 PINFER_CPU_KERNELS=0 or a failed build: a warning (for the failure) and the PyTorch path,
 which computes the same thing.
 
-The model code asks usable(x) and has(op) before calling a kernel: usable is true only inside `active()`, which
-the model runner enters around its forward except in deterministic mode (whose batch-invariant
-aten ops are the reference the trainer matches bit for bit), for float32 and bfloat16 CPU tensors.
+The model code asks usable(x) and has(op) before calling a kernel: usable(x) is true only
+inside `active()`, which the model runner enters around its forward except in deterministic
+mode (whose batch-invariant aten ops are the reference the trainer matches bit for bit), for
+float32 and bfloat16 CPU tensors.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ def _build_or_load() -> None:
     build.mkdir(parents=True, exist_ok=True)
     logger.warning("compiling pinfer's CPU kernels (once per machine, ~10-30 s) into %s", directory)
     try:
-        load_extension("pinfer_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=str(build), is_python_module=False, verbose=False)
+        load_extension("pinfer_cpu_kernels", [str(source) for source in SOURCES], extra_cflags=_FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
         os.replace(build / library.name, library)
     finally:
         shutil.rmtree(build, ignore_errors=True)
@@ -138,7 +140,7 @@ def _put_ninja_on_path() -> None:
 
 
 def status() -> str:
-    """Why the kernels are or are not in use: "loaded", what part of them loaded, or the reason they are not."""
+    """Why the kernels are or are not in use: "loaded" (with the subset, on AVX2), or the reason not."""
     return str(_state["reason"])
 
 
@@ -187,9 +189,11 @@ def pack_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 
 def has(op: str) -> bool:
-    """Whether the build has this op (int8_gemm and int4_gemm need AVX512-VNNI;
-    paged_prefill_attention AVX512-BF16; bf16_gemm AVX512-BF16, or else AVX2 and FMA
-    (cpu_ops_avx2.cpp); decode_layers both; the rest AVX-512 F/BW)."""
+    """Whether the build has this op. With AVX-512: int8_gemm and int4_gemm need VNNI,
+    paged_prefill_attention BF16, decode_layers both, the rest F/BW (bf16_gemm without BF16 is
+    cpu_ops_avx2.cpp's). With AVX2 and FMA only: bf16_gemm, paged_decode_attention, rms_norm,
+    add_rms_norm, rotary_, silu_mul, store_kv, row_keys, gumbel_sample, argmax, decode_layers
+    (bf16 linears and pools)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = load() and hasattr(torch.ops.pinfer, op)

@@ -534,8 +534,11 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
     std::vector<const T*> k_rows, v_rows;
     std::vector<float> scores;
     for (int64_t thread = first_thread; thread < last_thread; ++thread) {
-      const int64_t begin = std::lower_bound(cost_before.begin(), cost_before.end(), cost_before[items] * thread / threads) - cost_before.begin();
-      const int64_t end = std::lower_bound(cost_before.begin(), cost_before.end(), cost_before[items] * (thread + 1) / threads) - cost_before.begin();
+      auto first_item_at = [&](int64_t t) {  // the first item whose work starts at or past t / threads of all
+        const int64_t cost = cost_before[items] * t / threads;
+        return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
+      };
+      const int64_t begin = first_item_at(thread), end = first_item_at(thread + 1);
       for (int64_t item = begin; item < std::min(end, items); ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
         const int64_t first = first_position(b), n = context_lens[b] - first;

@@ -4,8 +4,9 @@
 
 // The tensor-level entry points of the ops that both kernel files build (cpu_ops.cpp with
 // AVX-512, cpu_ops_avx2.cpp with AVX2): argument checks, output allocation and the dtype
-// dispatch; the KV store (plain copies) and the decoder stack, which only calls other ops. Each file defines the row kernels declared here with its own vectors and includes
-// this inside its anonymous namespace, after `using bf16 = at::BFloat16;`.
+// dispatch; the KV store (plain copies) and the decoder stack, which only calls other ops.
+// Each file defines the row kernels declared here with its own vectors and includes this
+// inside its anonymous namespace, after `using bf16 = at::BFloat16;`.
 
 // float32 and bf16 only (the dtypes the engine runs in); anything else fails the TORCH_CHECK.
 #define PINFER_DISPATCH(TYPE, NAME, ...)                                                   \
