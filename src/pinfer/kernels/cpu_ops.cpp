@@ -1860,19 +1860,8 @@ TORCH_LIBRARY(pinfer, m) {
   m.def("available() -> bool", &available);
   m.def("row_keys(Tensor seeds, Tensor steps) -> Tensor", &row_keys);
 #if PINFER_AVX512
-  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-        &store_kv);
+  define_entry_ops(m);
   m.def("use_amx(bool allow) -> bool", &use_amx);
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
-  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
-  m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);
-  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, int sliding_window) -> Tensor",
-        &paged_decode_attention);
-  m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
-        &gumbel_sample);
-  m.def("argmax(Tensor logits) -> Tensor", &argmax);
-  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
 #if defined(__AVX512BF16__)

@@ -1,8 +1,9 @@
 // pinfer's kernels for CPUs without AVX-512 but with AVX2 and FMA (AMD Zen 1-3, Intel client
-// cores since Alder Lake), registered as torch.ops.pinfer.*; see kernels/__init__.py. Two of
-// cpu_ops.cpp's kernels, with the same schemas and results to float rounding: the bf16 GEMM
-// (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none) and the paged
-// decode attention. The other ops keep the PyTorch path on these CPUs.
+// cores since Alder Lake), registered as torch.ops.pinfer.*; see kernels/__init__.py. A subset
+// of cpu_ops.cpp's, with the same schemas (cpu_ops_entry.h) and results to float rounding: the
+// bf16 GEMM (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none), paged
+// decode attention, RMSNorm, RoPE, SwiGLU, the Gumbel sampler, argmax and, from those, the bf16
+// decode stack. Prefill attention and the int8/int4 kernels keep the PyTorch path on these CPUs.
 //
 // The bf16 GEMM. On such CPUs neither oneDNN nor aten has a fast bf16 matmul: torch 2.13's
 // F.linear in bf16 runs at ~8 GFLOPS a core on a Zen 3 (float32's MKL sgemm: ~67), and oneDNN
@@ -23,10 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -530,14 +529,15 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
     const int64_t b = i / num_kv_heads;
     cost_before[i + 1] = cost_before[i] + context_lens[b] - first_position(b) + 16;
   }
+  auto first_item_at = [&](int64_t thread) {  // the first item whose work starts at or past thread / threads of all
+    const int64_t cost = cost_before[items] * thread / threads;
+    return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
+  };
+  auto item_fn = head_dim == 64 ? decode_item<8, T> : head_dim == 128 ? decode_item<16, T> : decode_item<0, T>;
   at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
     std::vector<const T*> k_rows, v_rows;
     std::vector<float> scores;
     for (int64_t thread = first_thread; thread < last_thread; ++thread) {
-      auto first_item_at = [&](int64_t t) {  // the first item whose work starts at or past t / threads of all
-        const int64_t cost = cost_before[items] * t / threads;
-        return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
-      };
       const int64_t begin = first_item_at(thread), end = first_item_at(thread + 1);
       for (int64_t item = begin; item < std::min(end, items); ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
@@ -551,10 +551,7 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
         }
         const T* qi = q + b * q_stride + h * group * head_dim;
         T* oi = out + (b * num_heads + h * group) * head_dim;
-        const auto args = std::make_tuple(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), oi);
-        if (head_dim == 64) std::apply(decode_item<8, T>, args);
-        else if (head_dim == 128) std::apply(decode_item<16, T>, args);
-        else std::apply(decode_item<0, T>, args);
+        item_fn(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), oi);
       }
     }
   });
@@ -607,17 +604,7 @@ TORCH_LIBRARY_FRAGMENT(pinfer, m) {
   m.def("bf16_gemm(Tensor x, Tensor packed, Tensor? bias) -> Tensor", &bf16_gemm);
 #endif
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
-  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
-  m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);
-  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
-  m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
-        &gumbel_sample);
-  m.def("argmax(Tensor logits) -> Tensor", &argmax);
-  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, int sliding_window) -> Tensor", &paged_decode_attention);
-  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
-        &store_kv);
+  define_entry_ops(m);
   m.def(kDecodeLayersSchema, &decode_layers);
 #endif
 }

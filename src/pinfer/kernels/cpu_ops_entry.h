@@ -33,6 +33,10 @@ void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const floa
                         bool processed, int64_t* token_ids, float* chosen_logprobs, int64_t* ranks);
 template <typename T>
 void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out);
+// query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t sliding_window);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type());
@@ -232,4 +236,20 @@ inline at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& p
     hidden = stack_linear(silu_mul(gate_up), weights, w + 3 * per_linear, kind, biases[4 * l + 3]);
   }
   return add_rms_norm(hidden, residual, norms[2 * layers], eps);
+}
+
+// The schemas of the ops above and of paged_decode_attention: each file that includes this
+// registers them here, so the two builds cannot disagree on one.
+inline void define_entry_ops(torch::Library& m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("rotary_(Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin, Tensor positions) -> ()", &rotary_);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
+        &gumbel_sample);
+  m.def("argmax(Tensor logits) -> Tensor", &argmax);
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+        &store_kv);
+  m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int sliding_window) -> Tensor", &paged_decode_attention);
 }
