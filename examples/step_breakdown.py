@@ -4,8 +4,9 @@
     .venv/bin/python examples/step_breakdown.py --latency        # batch 1, greedy
     .venv/bin/python examples/step_breakdown.py -q int8 --prefill  # the prompts' prefill steps instead
 
-Builds a copy of kernels/cpu_ops.cpp in which every at::parallel_for is timed (once per
-machine and source, ~30 s, in pinfer's kernel cache): the region's wall time on the calling
+Builds a copy of the kernels (kernels/cpu_ops.cpp, cpu_ops_avx2.cpp and their shared header) in
+which every at::parallel_for is timed (once per machine and source, ~30 s, in pinfer's kernel
+cache): the region's wall time on the calling
 thread, and each of the two threads' time in its chunk. Then runs the bench's rollout
 workload (64 prompts x 128 tokens, temperature 1, logprobs, EOS ignored), or with --latency
 its batch-1 greedy prompt, after a warm-up, and prints, in ms per decode step (the steps
@@ -32,13 +33,17 @@ import torch
 
 from pinfer import kernels
 
+# The timers, in a header of their own that every instrumented file includes: inline variables,
+# so the kernel files share one set. A region's id is its file's base + its line.
 _HOOK = r"""
+#pragma once
+#include <ATen/Parallel.h>
 #include <chrono>
 namespace region_timing {  // examples/step_breakdown.py: every parallel region, timed
 inline double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-constexpr int kLines = 4096;
-double work[kLines][2], wall[kLines];
-int64_t calls[kLines];
+constexpr int kLines = %(lines)d;
+inline double work[kLines][2], wall[kLines];
+inline int64_t calls[kLines];
 template <class F> void timed(int line, int64_t begin, int64_t end, int64_t grain, const F& f) {
   const double start = now();
   at::parallel_for (begin, end, grain, [&](int64_t b, int64_t e) {
@@ -49,41 +54,49 @@ template <class F> void timed(int line, int64_t begin, int64_t end, int64_t grai
   wall[line] += now() - start;
   calls[line]++;
 }
-}  // namespace region_timing
-at::Tensor region_times() {  // [lines, 4]: calls, wall s, thread 0 s, thread 1 s; then resets
-  auto t = at::zeros({region_timing::kLines, 4}, at::kDouble);
+inline at::Tensor region_times() {  // [lines, 4]: calls, wall s, thread 0 s, thread 1 s; then resets
+  auto t = at::zeros({kLines, 4}, at::kDouble);
   auto a = t.accessor<double, 2>();
-  for (int i = 0; i < region_timing::kLines; ++i) {
-    a[i][0] = region_timing::calls[i], a[i][1] = region_timing::wall[i];
-    a[i][2] = region_timing::work[i][0], a[i][3] = region_timing::work[i][1];
-    region_timing::calls[i] = 0, region_timing::wall[i] = region_timing::work[i][0] = region_timing::work[i][1] = 0;
+  for (int i = 0; i < kLines; ++i) {
+    a[i][0] = calls[i], a[i][1] = wall[i], a[i][2] = work[i][0], a[i][3] = work[i][1];
+    calls[i] = 0, wall[i] = work[i][0] = work[i][1] = 0;
   }
   return t;
 }
+}  // namespace region_timing
 """
+_FILE_LINES = 8192  # region ids: file i's lines at i * _FILE_LINES
 _FUNCTION = re.compile(r"^\s*(?:inline\s+)?(?:void|at::Tensor|float|int64_t|std::tuple<.*>)\s+(\w+)\s*\(")
 
 
-def instrumented_source(directory: Path) -> tuple[Path, list[str]]:
-    source = kernels.SOURCES[0].read_text()
-    assert "at::parallel_for (" not in source  # the hook's own call is spelled with a space
-    source = source.replace("namespace {\n", "namespace {\n" + _HOOK, 1)
-    source = source.replace("at::parallel_for(", "region_timing::timed(__LINE__, ")
-    source = source.replace('m.def("available() -> bool", &available);',
-                            'm.def("available() -> bool", &available);\n  m.def("region_times() -> Tensor", &region_times);')
+def instrumented_sources(directory: Path) -> tuple[list[Path], list[tuple[str, list[str]]]]:
+    """Timed copies of the kernel sources in `directory`: the .cpp files to build, and each
+    instrumented file's (name, lines), indexed as its region ids are."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "cpu_ops_timed.cpp"
-    path.write_text(source)
-    shutil.copy(kernels.HEADER, directory)  # the source includes it from its own folder
-    return path, source.splitlines()
+    files = [*kernels.SOURCES, kernels.HEADER]
+    (directory / "region_timing.h").write_text(_HOOK % {"lines": len(files) * _FILE_LINES})
+    listing = []
+    for index, original in enumerate(files):
+        source = original.read_text()
+        assert "at::parallel_for (" not in source and len(source.splitlines()) < _FILE_LINES
+        source = source.replace("#include <torch/library.h>\n", '#include <torch/library.h>\n#include "region_timing.h"\n', 1)
+        source = source.replace("at::parallel_for(", f"region_timing::timed({index * _FILE_LINES} + __LINE__, ")
+        source = source.replace('m.def("available() -> bool", &available);',
+                                'm.def("available() -> bool", &available);\n'
+                                '  m.def("region_times() -> Tensor", &region_timing::region_times);')
+        (directory / original.name).write_text(source)  # the header keeps its name: the sources include it
+        listing.append((original.name, source.splitlines()))
+    return [directory / path.name for path in kernels.SOURCES], listing
 
 
-def enclosing_function(lines: list[str], line: int) -> str:
-    """The kernel function a parallel region's line (1-based) sits in."""
+def enclosing_function(listing: list[tuple[str, list[str]]], region: int) -> str:
+    """The kernel function a parallel region (its file's base + line, 1-based) sits in."""
+    name, lines = listing[region // _FILE_LINES]
+    line = region % _FILE_LINES
     for text in reversed(lines[: line - 1]):
         if match := _FUNCTION.match(text):
             return match.group(1)
-    return f"line {line}"
+    return f"{name}:{line}"
 
 
 class PhaseTimes:
@@ -117,8 +130,8 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="break down the prompts' prefill steps instead")
     args = parser.parse_args()
 
-    path, lines = instrumented_source(kernels.cache_dir() / "step_breakdown")
-    kernels.SOURCES = [path]  # the AVX-512 kernels, timed; set before anything loads the kernels
+    sources, listing = instrumented_sources(kernels.cache_dir() / "step_breakdown")
+    kernels.SOURCES = sources  # the kernels, timed; set before anything loads the kernels
     if not kernels.load():
         raise SystemExit(f"the kernels did not load: {kernels.status()}")
 
@@ -172,13 +185,13 @@ def main() -> None:
     if args.prefill:
         regions, phases.seconds, steps, wall = prefill_regions, prefill_phases, prefill_steps, prefill / prefill_steps
         print(f"\nthe prefill steps instead of the decode steps: {1000 * wall:.1f} ms a step")
-    report(lines, regions, phases, steps, wall)
+    report(listing, regions, phases, steps, wall)
 
 
-def report(lines: list[str], regions: torch.Tensor, phases: PhaseTimes, steps: int, wall: float) -> None:
+def report(listing: list[tuple[str, list[str]]], regions: torch.Tensor, phases: PhaseTimes, steps: int, wall: float) -> None:
     per_function: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for line in regions[:, 0].nonzero().flatten().tolist():
-        totals = per_function[enclosing_function(lines, line)]
+        totals = per_function[enclosing_function(listing, line)]
         for i, value in enumerate(regions[line].tolist()):
             totals[i] += value
     in_regions = sum(t[1] for t in per_function.values()) / steps

@@ -42,7 +42,7 @@ def built():
 
 # What kernels/cpu_ops_avx2.cpp (and cpu_ops.cpp's store_kv and row_keys) build on CPUs with AVX2 but no AVX-512.
 AVX2_OPS = {"bf16_gemm", "paged_decode_attention", "rms_norm", "add_rms_norm", "rotary_", "silu_mul", "store_kv",
-            "row_keys", "gumbel_sample", "argmax"}
+            "row_keys", "gumbel_sample", "argmax", "quantize_rows", "dequantize_rows", "int8_gemm"}
 
 
 def needs(*ops: str) -> None:
@@ -224,12 +224,13 @@ def test_store_kv_writes_strided_rows_into_their_slots(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-# The VNNI GEMM on the packed copy (N % 16 == 0), else (964) quantize -> _int_mm -> rescale.
-# 1..7 rows: partial register tiles; 200: tiles of 6 rows and a partial one; 1,500 inputs:
-# K not a multiple of 64.
+# The int8 GEMM on the packed copy (N % 16 == 0), else (964) quantize -> _int_mm -> rescale.
+# 1..7 rows: partial register tiles; 200: full tiles (6 rows with VNNI, 4 on AVX2) and a partial
+# one; 1,500 inputs: K not a multiple of 64 (nor of 8: AVX2's quantization tail); 944 outputs:
+# an odd number of 16-column blocks (AVX2's batch 1 takes them two at a time).
 @pytest.mark.parametrize("rows,in_features,out_features",
                          [(1, 576, 964), (3, 576, 964), (4, 576, 960), (7, 576, 964), (7, 576, 960),
-                          (64, 576, 3072), (200, 1500, 944)])
+                          (1, 1500, 944), (64, 576, 3072), (200, 1500, 944)])
 def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows, in_features, out_features):
     needs("quantize_rows")
     from pinfer.model.quantization import Int8Linear
@@ -243,9 +244,29 @@ def test_int8_linear_has_the_bits_of_the_pytorch_path(dtype, rows, in_features, 
     with kernels.active():
         out = linear(x)
     assert out.dtype == dtype and torch.equal(out, ref)
-    if "avx512_vnni" in _cpu_flags():  # the VNNI kernels ran, not the fallback
+    if "avx512_vnni" in _cpu_flags() or not _cpu_has_avx512():  # the int8 GEMM ran, not the fallback
         assert kernels.has("int8_gemm")
         assert linear.qweight_vnni.numel() == (in_features * out_features if out_features % 16 == 0 else 0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_int8_gemm_is_exact_at_the_int8_extremes(rows):
+    """-128 weights (a GGUF Q8_0 block may hold them) and +-127 inputs of either sign: the sums
+    stay exact (AVX2 multiplies |w| by sign(w) x on vpmaddubsw, whose int16 pair sums saturate
+    past 32,767)."""
+    needs("int8_gemm")
+    torch.manual_seed(0)
+    w = torch.randint(-128, 128, (48, 576), dtype=torch.int8)
+    w[:, ::3] = -128
+    w[::2, 1::3] = 127
+    x = (torch.rand(rows, 576) * 2 - 1) * 100  # scale 100 / 127: the inputs quantize across [-127, 127]
+    x[:, 0], x[:, 3] = 100.0, -100.0  # +-127 against 127 and -128 weights
+    w_scale = torch.rand(48)
+    out = torch.ops.pinfer.int8_gemm(x, kernels.pack_for_gemm(w).contiguous(), w.sum(1, dtype=torch.int32), w_scale)
+    x_scale = x.abs().amax(dim=1, keepdim=True) / 127
+    xq = torch.round(x / x_scale).to(torch.int8)
+    assert xq.min() == -127 and xq.max() == 127
+    assert torch.equal(out, torch._int_mm(xq, w.t()) * x_scale * w_scale)
 
 
 @pytest.fixture

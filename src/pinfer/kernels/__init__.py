@@ -5,8 +5,9 @@ packed for vpdpbusd (int8 w8a8) and vdpbf16ps (bf16), which is also the operand 
 tile instructions (used from 8-16 rows where the CPU has them; PINFER_AMX=0 turns them off), and
 a decode step's whole decoder stack in one call (model/fused_decode.py). On CPUs with AVX2 and
 FMA but no AVX-512 (AMD Zen 1-3, Intel client cores since Alder Lake) cpu_ops_avx2.cpp builds a
-subset: the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul), decode attention,
-the norms, RoPE, SwiGLU, the sampler and the bf16 decode stack; on AVX-512 CPUs without
+subset: the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul), the int8 GEMM
+(exact sums on vpmaddubsw), decode attention, the norms, RoPE, SwiGLU, the sampler and the
+decode stack for bf16 and int8 linears on bf16 pools; on AVX-512 CPUs without
 AVX512-BF16 it builds the bf16 GEMM. cpu_ops_entry.h holds what both files share.
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
@@ -191,9 +192,9 @@ def pack_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 def has(op: str) -> bool:
     """Whether the build has this op. With AVX-512: int8_gemm and int4_gemm need VNNI,
     paged_prefill_attention BF16, decode_layers both, the rest F/BW (bf16_gemm without BF16 is
-    cpu_ops_avx2.cpp's). With AVX2 and FMA only: bf16_gemm, paged_decode_attention, rms_norm,
-    add_rms_norm, rotary_, silu_mul, store_kv, row_keys, gumbel_sample, argmax, decode_layers
-    (bf16 linears and pools)."""
+    cpu_ops_avx2.cpp's). With AVX2 and FMA only: bf16_gemm, int8_gemm, quantize_rows,
+    dequantize_rows, paged_decode_attention, rms_norm, add_rms_norm, rotary_, silu_mul, store_kv,
+    row_keys, gumbel_sample, argmax, decode_layers (bf16 and int8 linears, bf16 pools)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = load() and hasattr(torch.ops.pinfer, op)

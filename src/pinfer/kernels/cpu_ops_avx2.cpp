@@ -1,9 +1,10 @@
 // pinfer's kernels for CPUs without AVX-512 but with AVX2 and FMA (AMD Zen 1-3, Intel client
 // cores since Alder Lake), registered as torch.ops.pinfer.*; see kernels/__init__.py. A subset
 // of cpu_ops.cpp's, with the same schemas (cpu_ops_entry.h) and results to float rounding: the
-// bf16 GEMM (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none), paged
-// decode attention, RMSNorm, RoPE, SwiGLU, the Gumbel sampler, argmax and, from those, the bf16
-// decode stack. Prefill attention and the int8/int4 kernels keep the PyTorch path on these CPUs.
+// bf16 GEMM (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none), the
+// int8 GEMM and activation quantization, paged decode attention, RMSNorm, RoPE, SwiGLU, the
+// Gumbel sampler, argmax and, from those, the decode stack for bf16 and int8 linears. Prefill
+// attention, int8 KV pools and the int4 GEMM keep the PyTorch path on these CPUs.
 //
 // The bf16 GEMM. On such CPUs neither oneDNN nor aten has a fast bf16 matmul: torch 2.13's
 // F.linear in bf16 runs at ~8 GFLOPS a core on a Zen 3 (float32's MKL sgemm: ~67), and oneDNN
@@ -26,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -579,11 +582,202 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
   });
   return out;
 }
-// ---- the decoder stack (decode_layers, cpu_ops_entry.h) on bf16 linears and bf16 pools -------
+// ---- int8 linears (model/quantization.py's Int8Linear): w8a8, exact int32 sums ----------------
+// cpu_ops.cpp's int8 kernels multiply on vpdpbusd (AVX512-VNNI). AVX2's byte multiply,
+// vpmaddubsw, takes unsigned x signed bytes and saturates its int16 pair sums; with the
+// weight's magnitude as the unsigned side (|w| <= 128) and the input's bytes carrying the sign
+// (sign(w) x, |x| <= 127) each pair sum is at most 2 * 128 * 127 = 32512, so none saturates and
+// the sums are exact: then vpmaddwd by ones adds the pairs into int32 lanes, one per column.
+// Quantization as the PyTorch path's: x_scale = max|x| / 127, xq = round(x / x_scale) (half to
+// even); out = float(sum xq w) * x_scale * w_scale in that order, so the same bits.
+
+// One row's quantization: its values in [-127, 127] to xq, and x_scale returned.
+template <typename T>
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
+  __m256 mx = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  int64_t k = 0;
+  for (; k + 8 <= k_dim; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(x + k), abs_mask));
+  float m = max8(mx);
+  for (int64_t r = k; r < k_dim; ++r) m = std::max(m, std::abs(static_cast<float>(x[r])));
+  const float x_scale = std::max(m, 1e-12f) / 127.0f;
+  const __m256 s = _mm256_set1_ps(x_scale);
+  for (k = 0; k + 8 <= k_dim; k += 8) {
+    const __m256 q = _mm256_round_ps(_mm256_div_ps(load8(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_cvtps_epi32(q);  // 8 int32 -> 8 bytes, in order
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(w, w));
+  }
+  for (; k < k_dim; ++k) xq[k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[k]) / x_scale));
+  return x_scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantize_rows: x [M, K] contiguous");
+  const int64_t rows = x.size(0), k_dim = x.size(1);
+  auto xq = at::empty({rows, k_dim}, x.options().dtype(at::kChar));
+  auto scales = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  PINFER_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        scales.data_ptr<float>()[r] = quantize_row(xp + r * k_dim, k_dim, xq.data_ptr<int8_t>() + r * k_dim);
+    });
+  });
+  return {xq, scales};
+}
+
+at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                           at::ScalarType dtype) {
+  // acc int32 [M, N] (torch._int_mm's result) -> float(acc) * x_scale[m] * w_scale[n], as dtype
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt && w_scale.is_contiguous() &&
+              w_scale.scalar_type() == at::kFloat && w_scale.numel() == acc.size(1) &&
+              x_scale.scalar_type() == at::kFloat && x_scale.numel() == acc.size(0),
+              "dequantize_rows: int32 [M, N] sums, float32 scales [M] and [N]");
+  const int64_t rows = acc.size(0), n_dim = acc.size(1);
+  const at::Tensor xs = x_scale.contiguous();
+  auto out = at::empty({rows, n_dim}, acc.options().dtype(dtype));
+  PINFER_DISPATCH(dtype, "dequantize_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float* ws = w_scale.data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int32_t* a = acc.data_ptr<int32_t>() + r * n_dim;
+        const float s = xs.data_ptr<float>()[r];
+        int64_t n = 0;
+        for (; n + 8 <= n_dim; n += 8) {
+          const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + n)));
+          store8(op + r * n_dim + n, _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(s)), _mm256_loadu_ps(ws + n)));
+        }
+        for (; n < n_dim; ++n) op[r * n_dim + n] = static_cast<scalar_t>(static_cast<float>(a[n]) * s * ws[n]);
+      }
+    });
+  });
+  return out;
+}
+
+// The GEMM on the packed weight [N / 16, K / 4, 16, 4] (kernels.pack_for_gemm, cpu_ops.cpp's
+// VNNI layout): a 64-byte group holds k..k+3 of 16 columns, a 32-bit lane per column; each
+// 32-byte half of it, 8 columns, is one vector. Times a row's 4 bytes broadcast, vpmaddubsw and
+// vpmaddwd give each column's 4-k sum in its lane. Tile: MR rows x NV vectors, w at the tile's
+// first vector; vector v lies at (v / 2) blocks + (v % 2) halves from it (at batch 1 a tile
+// spans two blocks).
+template <int MR, int NV>
+__attribute__((noinline)) void int8_dots(const int8_t* x, int64_t x_stride, const int8_t* w, int64_t block_bytes,
+                                         int64_t groups, __m256i* sums) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i wv[NV], magnitude[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (v / 2) * block_bytes + g * 64 + (v % 2) * 32));
+      magnitude[v] = _mm256_abs_epi8(wv[v]);  // -128 -> 0x80, which is 128 unsigned
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, x + i * x_stride + 4 * g, 4);
+      const __m256i xv = _mm256_set1_epi32(four);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude[v], _mm256_sign_epi8(xv, wv[v]));
+        acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) sums[i * NV + v] = acc[i][v];
+}
+
+constexpr int kInt8TileRows = 4;
+
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_sums,
+                     const at::Tensor& w_scale) {
+  // x [M, K]; packed int8 [N / 16, K / 4, 16, 4]; w_sums int32 [N] (the VNNI kernel's; unused
+  // here, the schema is shared); w_scale float32 [N]
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4,
+              "int8_gemm: x [M, K] contiguous, weight packed [N / 16, K / 4, 16, 4]");
+  TORCH_CHECK(packed.size(1) * 4 == x.size(1) && packed.size(2) == 16 && packed.size(3) == 4,
+              "int8_gemm: weight packed for K = ", packed.size(1) * 4, ", input has K = ", x.size(1));
+  const int64_t m_dim = x.size(0), k_dim = x.size(1), n_blocks = packed.size(0), n_dim = n_blocks * 16;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && w_sums.numel() == n_dim && w_scale.numel() == n_dim &&
+              w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(),
+              "int8_gemm: int8 weight, ", n_dim, " float32 scales");
+  const int64_t groups = k_dim / 4, block_bytes = groups * 64;
+  std::vector<int8_t> xq(m_dim * k_dim);
+  std::vector<float> xs(m_dim);
+  auto out = at::empty({m_dim, n_dim}, x.options());
+  PINFER_DISPATCH(x.scalar_type(), "int8_gemm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, m_dim, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) xs[r] = quantize_row(xp + r * k_dim, k_dim, xq.data() + r * k_dim);
+    });
+    const int8_t* w = packed.data_ptr<int8_t>();
+    const float* ws = w_scale.data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // the PyTorch path's float(exact) * x_scale * w_scale, in that order
+    auto store = [&](int64_t row, int rows, int64_t column, int vectors, const __m256i* sums) {
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < vectors; ++j) {
+          const int64_t n = column + 8 * j;
+          const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[i * vectors + j]), _mm256_set1_ps(xs[row + i]));
+          store8(op + (row + i) * n_dim + n, _mm256_mul_ps(v, _mm256_loadu_ps(ws + n)));
+        }
+    };
+    // input rows per pass over a thread's columns: ~192 KB, kept in L2 while the weights stream
+    const int64_t panel_rows = std::max<int64_t>(kInt8TileRows, kPanelBytes / k_dim / kInt8TileRows * kInt8TileRows);
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      alignas(32) __m256i sums[kInt8TileRows * 4];
+      if (m_dim == 1) {  // batch 1: two blocks a tile (4 independent sums), the weights read once
+        int64_t nb = begin;
+        for (; nb + 2 <= end; nb += 2) {
+          int8_dots<1, 4>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+          store(0, 1, nb * 16, 4, sums);
+        }
+        if (nb < end) {
+          int8_dots<1, 2>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+          store(0, 1, nb * 16, 2, sums);
+        }
+        return;
+      }
+      for (int64_t m0 = 0; m0 < m_dim; m0 += panel_rows) {
+        const int64_t m1 = std::min(m_dim, m0 + panel_rows);
+        for (int64_t nb = begin; nb < end; ++nb)  // the block's weights stay in L1/L2 across the panel
+          for (int64_t i = m0; i < m1; i += kInt8TileRows) {
+            const int rows = static_cast<int>(std::min<int64_t>(kInt8TileRows, m1 - i));
+            const int8_t* xi = xq.data() + i * k_dim;
+            const int8_t* wb = w + nb * block_bytes;
+            switch (rows) {
+              case 6: int8_dots<6, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+              case 5: int8_dots<5, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+              case 4: int8_dots<4, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+              case 3: int8_dots<3, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+              case 2: int8_dots<2, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+              default: int8_dots<1, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            }
+            store(i, rows, nb * 16, 2, sums);
+          }
+      }
+    });
+  });
+  return out;
+}
+
+// ---- the decoder stack (decode_layers, cpu_ops_entry.h) on bf16 or int8 linears and bf16 pools
 at::Tensor stack_linear(const at::Tensor& x, at::TensorList weights, int64_t first, int64_t kind,
                         const at::Tensor& bias) {
-  TORCH_CHECK(kind == kBf16, "decode_layers: the AVX2 build has bf16 linears only");
-  return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+  TORCH_CHECK(kind == kBf16 || kind == kInt8, "decode_layers: the AVX2 build has bf16 and int8 linears");
+  if (kind == kBf16) return bf16_gemm(x, weights[first], bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+  const at::Tensor out = int8_gemm(x, weights[first], weights[first + 1], weights[first + 2]);
+  return bias.numel() ? out + bias : out;  // the quantized linears add their bias after the matmul, in x's dtype
 }
 
 at::Tensor stack_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
@@ -606,6 +800,9 @@ TORCH_LIBRARY_FRAGMENT(pinfer, m) {
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
   define_entry_ops(m);
   m.def(kDecodeLayersSchema, &decode_layers);
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
+  m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
+  m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
 #endif
 }
 #endif  // AVX2 and FMA
