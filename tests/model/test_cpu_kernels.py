@@ -119,7 +119,8 @@ def _paged_pool(dtype, num_seqs, max_len, kv_heads, head_dim, block_size=16):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,window",
-    [(9, 3, 64, None), (4, 4, 128, None), (8, 1, 256, 40), (6, 2, 64, 17)],
+    # groups of 3, 1, 8 (3 + 3 + 2 rows at a time on AVX2) and 2; head_dim 80: 10 vectors of 8
+    [(9, 3, 64, None), (4, 4, 128, None), (8, 1, 256, 40), (6, 2, 64, 17), (4, 2, 80, None)],
 )
 @pytest.mark.parametrize("num_seqs", [7, 2])  # 2: fewer sequences than 2 x threads, one kv head per work item
 def test_paged_decode_attention_matches_sdpa(dtype, heads, kv_heads, head_dim, window, num_seqs):

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -470,51 +471,119 @@ constexpr int64_t kPrefetchPositions = 8;  // the pages are cold: fetch K and V 
 // items are split between the threads by their positions. Per query row: scores = (q * scale).K
 // in float32, softmax (Sleef's exp, as aten's), then P.V in float32; out rounded to T once.
 
-// VECS = head_dim / 8, known at compile time for the common sizes (a query row's accumulators in
-// registers up to 16 vectors), else 0 and head_dim / 8 <= 32 read at run time.
-template <int VECS, typename T>
-void decode_item(const T* q, int64_t head_dim, const T* const* k_rows, const T* const* v_rows, int64_t n,
-                 int64_t group, float scale, float* scores, T* out) {
-  constexpr int kMaxVecs = VECS > 0 ? VECS : 32;
-  const int vecs = VECS > 0 ? VECS : static_cast<int>(head_dim / 8);
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t r = 0; r < group; ++r) {
-    __m256 qv[kMaxVecs];
-    for (int c = 0; c < vecs; ++c) qv[c] = _mm256_mul_ps(load8(q + r * head_dim + c * 8), _mm256_set1_ps(scale));
-    float* s = scores + r * n;
-    for (int64_t t = 0; t < n; ++t) {
-      if (r == 0 && t + kPrefetchPositions < n)
-        for (int64_t b = 0; b < row_bytes; b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(k_rows[t + kPrefetchPositions]) + b, _MM_HINT_T0);
-      __m256 dot = _mm256_mul_ps(qv[0], load8(k_rows[t]));
-      for (int c = 1; c < vecs; ++c) dot = _mm256_fmadd_ps(qv[c], load8(k_rows[t] + c * 8), dot);
-      s[t] = sum8(dot);
+// The item's query rows are taken GR at a time (GR <= 3), so each K and V row is read and
+// widened once per GR rows rather than once per row; and its scores P positions at a time, so
+// the dot products are GR x P independent FMA chains instead of one chain of head_dim / 8.
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
+// 4 vectors' sums, in order
+inline __m128 sum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // a b c d | a b c d (halves)
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// scores[r][t] = q_scaled[r] . K[t] for GR rows (q_scaled: float32, vecs vectors a row) and P
+// positions from t; prefetching the K rows kPrefetchPositions ahead.
+template <int GR, int P, typename T>
+inline void score_positions(const float* q_scaled, int64_t head_dim, int vecs, const T* const* k_rows, int64_t t,
+                            int64_t n, int64_t row_bytes, float* scores) {
+  __m256 acc[GR][4];
+  for (int r = 0; r < GR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int j = 0; j < P; ++j)
+    if (t + j + kPrefetchPositions < n) prefetch_row(k_rows[t + j + kPrefetchPositions], row_bytes);
+  for (int c = 0; c < vecs; ++c) {
+    __m256 k[P];
+    for (int j = 0; j < P; ++j) k[j] = load8(k_rows[t + j] + c * 8);
+    for (int r = 0; r < GR; ++r) {
+      const __m256 qv = _mm256_loadu_ps(q_scaled + r * head_dim + c * 8);
+      for (int j = 0; j < P; ++j) acc[r][j] = _mm256_fmadd_ps(qv, k[j], acc[r][j]);
     }
+  }
+  for (int r = 0; r < GR; ++r) {
+    alignas(16) float four[4];
+    _mm_store_ps(four, sum4x8(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    for (int j = 0; j < P; ++j) scores[r * n + t + j] = four[j];
+  }
+}
+
+// out[r] (float32 accumulators, vectors c0..c0 + CV) += sum_u p[r][u] V[u] for GR rows
+template <int GR, int CV, typename T>
+inline void weigh_values(const float* p, int64_t n, const T* const* v_rows, int c0, bool prefetch, int64_t row_bytes,
+                         __m256* acc /* [GR][CV] */) {
+  __m256 sums[GR][CV];
+  for (int r = 0; r < GR; ++r)
+    for (int c = 0; c < CV; ++c) sums[r][c] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < n; ++u) {
+    if (prefetch && u + kPrefetchPositions < n) prefetch_row(v_rows[u + kPrefetchPositions], row_bytes);
+    __m256 v[CV];
+    for (int c = 0; c < CV; ++c) v[c] = load8(v_rows[u] + (c0 + c) * 8);
+    for (int r = 0; r < GR; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * n + u);
+      for (int c = 0; c < CV; ++c) sums[r][c] = _mm256_fmadd_ps(pr, v[c], sums[r][c]);
+    }
+  }
+  for (int r = 0; r < GR; ++r)
+    for (int c = 0; c < CV; ++c) acc[r * CV + c] = sums[r][c];
+}
+
+// GR query rows of one item (rows r0.. of its group): scores, softmax, then P.V into out.
+template <int GR, typename T>
+void decode_rows(const float* q_scaled, int64_t head_dim, const T* const* k_rows, const T* const* v_rows, int64_t n,
+                 float* scores, bool first_rows, T* out) {
+  const int vecs = static_cast<int>(head_dim / 8);
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(T));
+  constexpr int P = GR == 3 ? 3 : 4;  // GR x P <= 12 accumulators
+  int64_t t = 0;
+  for (; t + P <= n; t += P) score_positions<GR, P>(q_scaled, head_dim, vecs, k_rows, t, n, row_bytes, scores);
+  for (; t < n; ++t) score_positions<GR, 1>(q_scaled, head_dim, vecs, k_rows, t, n, row_bytes, scores);
+  float inv_sum[GR];
+  for (int r = 0; r < GR; ++r) {  // softmax, in place: scores become exp(s - max)
+    float* s = scores + r * n;
     float max_score = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) max_score = std::max(max_score, s[t]);
+    for (int64_t u = 0; u < n; ++u) max_score = std::max(max_score, s[u]);
     const __m256 m = _mm256_set1_ps(max_score);
     __m256 sum = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-      const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
-      _mm256_storeu_ps(s + t, e);
+    int64_t u = 0;
+    for (; u + 8 <= n; u += 8) {
+      const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(s + u), m));
+      _mm256_storeu_ps(s + u, e);
       sum = _mm256_add_ps(sum, e);
     }
     float total = sum8(sum);
-    for (; t < n; ++t) total += (s[t] = std::exp(s[t] - max_score));
-    const float inv_sum = 1.0f / total;
+    for (; u < n; ++u) total += (s[u] = std::exp(s[u] - max_score));
+    inv_sum[r] = 1.0f / total;
+  }
+  // P.V 4 vectors (32 dims) at a time, GR x 4 accumulators; head_dim % 16 == 0, so 2 may remain
+  const bool prefetch = first_rows;
+  auto weigh = [&](auto cv, int c0) {
+    constexpr int CV = decltype(cv)::value;
+    __m256 acc[GR * CV];
+    weigh_values<GR, CV>(scores, n, v_rows, c0, prefetch && c0 == 0, row_bytes, acc);
+    for (int r = 0; r < GR; ++r)
+      for (int c = 0; c < CV; ++c)
+        store8(out + r * head_dim + (c0 + c) * 8, _mm256_mul_ps(acc[r * CV + c], _mm256_set1_ps(inv_sum[r])));
+  };
+  int c0 = 0;
+  for (; c0 + 4 <= vecs; c0 += 4) weigh(std::integral_constant<int, 4>(), c0);
+  if (c0 < vecs) weigh(std::integral_constant<int, 2>(), c0);
+}
 
-    __m256 acc[kMaxVecs];
-    for (int c = 0; c < vecs; ++c) acc[c] = _mm256_setzero_ps();
-    for (int64_t u = 0; u < n; ++u) {
-      if (r == 0 && u + kPrefetchPositions < n)
-        for (int64_t b = 0; b < row_bytes; b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(v_rows[u + kPrefetchPositions]) + b, _MM_HINT_T0);
-      const __m256 p = _mm256_set1_ps(s[u]);
-      for (int c = 0; c < vecs; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v_rows[u] + c * 8), acc[c]);
-    }
-    const __m256 inv = _mm256_set1_ps(inv_sum);
-    for (int c = 0; c < vecs; ++c) store8(out + r * head_dim + c * 8, _mm256_mul_ps(acc[c], inv));
+template <typename T>
+void decode_item(const T* q, int64_t head_dim, const T* const* k_rows, const T* const* v_rows, int64_t n,
+                 int64_t group, float scale, float* scores, float* q_scaled, T* out) {
+  for (int64_t i = 0; i < group * head_dim; i += 8) _mm256_storeu_ps(q_scaled + i, _mm256_mul_ps(load8(q + i), _mm256_set1_ps(scale)));
+  for (int64_t r = 0; r < group;) {
+    const int64_t rows = std::min<int64_t>(3, group - r);
+    const float* qs = q_scaled + r * head_dim;
+    T* o = out + r * head_dim;
+    if (rows == 3) decode_rows<3>(qs, head_dim, k_rows, v_rows, n, scores, r == 0, o);
+    else if (rows == 2) decode_rows<2>(qs, head_dim, k_rows, v_rows, n, scores, r == 0, o);
+    else decode_rows<1>(qs, head_dim, k_rows, v_rows, n, scores, r == 0, o);
+    r += rows;
   }
 }
 
@@ -536,17 +605,16 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
     const int64_t cost = cost_before[items] * thread / threads;
     return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
   };
-  auto item_fn = head_dim == 64 ? decode_item<8, T> : head_dim == 128 ? decode_item<16, T> : decode_item<0, T>;
   at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
     std::vector<const T*> k_rows, v_rows;
-    std::vector<float> scores;
+    std::vector<float> scores, q_scaled(num_heads / num_kv_heads * head_dim);
     for (int64_t thread = first_thread; thread < last_thread; ++thread) {
       const int64_t begin = first_item_at(thread), end = first_item_at(thread + 1);
       for (int64_t item = begin; item < std::min(end, items); ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
         const int64_t first = first_position(b), n = context_lens[b] - first;
         const int64_t* table = block_tables + b * max_blocks;
-        k_rows.resize(n), v_rows.resize(n), scores.resize(group * n);
+        k_rows.resize(n), v_rows.resize(n), scores.resize(std::min<int64_t>(group, 3) * n);
         for (int64_t t = 0; t < n; ++t) {
           const int64_t pos = first + t;
           const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h * head_dim;
@@ -554,7 +622,7 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
         }
         const T* qi = q + b * q_stride + h * group * head_dim;
         T* oi = out + (b * num_heads + h * group) * head_dim;
-        item_fn(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), oi);
+        decode_item(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), q_scaled.data(), oi);
       }
     }
   });
