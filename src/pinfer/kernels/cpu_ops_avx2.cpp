@@ -282,8 +282,10 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
 // 32-bit hash and Sleef's logf, aten's log), so the same tokens and ranks; the logsumexp in
 // another order (in double), so logprobs to float32 rounding. As in cpu_ops.cpp, only the tokens that can
 // still win get noise: x >= max(x) - (high - low) are kept, the near-top ones' noise bounds the
-// winner, and only kept tokens within that bound are drawn. AVX2 has no compress: the kept
-// tokens are appended lane by lane from a comparison's bit mask.
+// winner, and only kept tokens within that bound are drawn. AVX2 has no compress, and appending
+// every kept token lane by lane cost more than the passes over the row (most of a 49,152-token
+// vocabulary is kept at temperature 1): so the row is read again for the few contenders, and
+// once more to count the rank, both by vector compares.
 
 constexpr uint32_t kLowbiasC1 = 0x7FEB352Du, kLowbiasC2 = 0x846CA68Bu;  // sampling/random.py's
 
@@ -371,11 +373,20 @@ inline std::pair<float, float> log_neg_log_bounds() {
 constexpr float kNearTop = 8.0f;  // cpu_ops.cpp's: the near-top tokens' noise bounds the winner
 
 struct SampleScratch {
-  std::vector<float> kept_x, kept_source, noisy_x;
-  std::vector<int32_t> kept_ids, noisy_ids;
-  explicit SampleScratch(int64_t vocab)
-      : kept_x(vocab + 8), kept_source(vocab + 8), noisy_x(vocab + 8), kept_ids(vocab + 8), noisy_ids(vocab + 8) {}
+  std::vector<float> noisy_x;
+  std::vector<int32_t> noisy_ids;
+  explicit SampleScratch(int64_t vocab) : noisy_x(vocab + 8), noisy_ids(vocab + 8) {}
 };
+
+// Appends the (x, id) of the lanes set in `mask` to x_out / ids_out at *count.
+inline void append_lanes(unsigned mask, __m256 x, int64_t v, float* x_out, int32_t* ids_out, int64_t* count) {
+  alignas(32) float xs[8];
+  _mm256_store_ps(xs, x);
+  for (; mask; mask &= mask - 1) {
+    const int lane = __builtin_ctz(mask);
+    x_out[*count] = xs[lane], ids_out[(*count)++] = static_cast<int32_t>(v + lane);
+  }
+}
 
 template <typename T>
 void gumbel_sample_row(const T* row, int64_t vocab, float temperature, int32_t row_key, bool processed, float low,
@@ -383,6 +394,9 @@ void gumbel_sample_row(const T* row, int64_t vocab, float temperature, int32_t r
   const bool unit = temperature == 1.0f;  // x = logits / 1 is the logits: no divisions, the same bits
   const __m256 t = _mm256_set1_ps(temperature);
   auto scaled = [&](__m256 raw) { return unit ? raw : _mm256_div_ps(raw, t); };
+  auto lanes_where = [](__m256 a, __m256 b, unsigned lanes) {  // a >= b, in the row's lanes
+    return lanes & static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GE_OQ)));
+  };
   __m256 x_max = _mm256_set1_ps(-INFINITY), raw_max = _mm256_set1_ps(-INFINITY);
   for_each_8_of_row(row, vocab, [&](int64_t, __m256 raw, unsigned) {
     x_max = _mm256_max_ps(x_max, scaled(raw));
@@ -390,45 +404,46 @@ void gumbel_sample_row(const T* row, int64_t vocab, float temperature, int32_t r
   });
   const float top_x = max8(x_max);
   const float mx = processed || unit ? top_x : max8(raw_max);
+  // the tokens that can win: x >= threshold (a kept token scores at most x - low, the top one at least top_x - high)
   float threshold = top_x - (high - low) - 1e-3f * (1.0f + std::fabs(top_x));
   if (!std::isfinite(threshold)) threshold = -INFINITY;  // an infinite logit: keep every token
-  // the tokens that can win, with their logprob source, the near-top ones, and the logsumexp's sum
-  float *kept_x = scratch.kept_x.data(), *kept_source = scratch.kept_source.data(), *noisy_x = scratch.noisy_x.data();
-  int32_t *kept_ids = scratch.kept_ids.data(), *noisy_ids = scratch.noisy_ids.data();
-  const float near_top = top_x - kNearTop;
-  // in double: 8 float32 lanes of ~6,000 terms each lost up to 1e-4 of a logprob when a few
-  // large terms sit in the lanes beside thousands of small ones (a tied top, the test's one_top)
+  const __m256 keep = _mm256_set1_ps(threshold);
+  float* noisy_x = scratch.noisy_x.data();
+  int32_t* noisy_ids = scratch.noisy_ids.data();
+  // the logsumexp's sum and the near-top tokens. In double: 8 float32 lanes of ~6,000 terms each
+  // lost up to 1e-4 of a logprob when a few large terms sit in the lanes beside thousands of small
+  // ones (a tied top, the test's one_top)
+  const __m256 near_top = _mm256_set1_ps(top_x - kNearTop);
   __m256d sum = _mm256_setzero_pd();
-  int64_t kept = 0, top_count = 0;
+  int64_t top_count = 0;
   for_each_8_of_row(row, vocab, [&](int64_t v, __m256 raw, unsigned lanes) {
     const __m256 x = scaled(raw), source = processed ? x : raw;
     const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(source, _mm256_set1_ps(mx)));
     sum = _mm256_add_pd(sum, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(e)), _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1))));
-    unsigned may_win = lanes & static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(threshold), _CMP_GE_OQ)));
-    if (may_win == 0) return;
-    alignas(32) float xs[8], sources[8];
-    _mm256_store_ps(xs, x), _mm256_store_ps(sources, source);
-    for (; may_win; may_win &= may_win - 1) {
-      const int lane = __builtin_ctz(may_win);
-      kept_x[kept] = xs[lane], kept_source[kept] = sources[lane], kept_ids[kept] = static_cast<int32_t>(v + lane);
-      ++kept;
-      if (xs[lane] >= near_top) noisy_x[top_count] = xs[lane], noisy_ids[top_count++] = static_cast<int32_t>(v + lane);
-    }
+    if (const unsigned near = lanes_where(x, near_top, lanes)) append_lanes(near, x, v, noisy_x, noisy_ids, &top_count);
   });
   const __m256i key = _mm256_set1_epi32(row_key);
-  // a kept token scores at most x - low, so only those with x - low >= the near-top best can win or tie
+  // the near-top best bounds the winner: only kept tokens with x - low >= it can win or tie
   const float best = max8(noisy_max(noisy_x, noisy_ids, top_count, key).best);
   float bound = best - 1e-3f * (1.0f + std::fabs(best));  // the margin covers rounding
   if (!std::isfinite(bound)) bound = -INFINITY;
+  const __m256 contend = _mm256_set1_ps(bound), low_v = _mm256_set1_ps(low);
   int64_t contenders = 0;
-  for (int64_t i = 0; i < kept; ++i)
-    if (kept_x[i] - low >= bound) noisy_x[contenders] = kept_x[i], noisy_ids[contenders++] = kept_ids[i];
+  for_each_8_of_row(row, vocab, [&](int64_t v, __m256 raw, unsigned lanes) {
+    const __m256 x = scaled(raw);
+    if (const unsigned may_win = lanes_where(x, keep, lanes) & lanes_where(_mm256_sub_ps(x, low_v), contend, lanes))
+      append_lanes(may_win, x, v, noisy_x, noisy_ids, &contenders);
+  });
   const int32_t token = noisy_max(noisy_x, noisy_ids, contenders, key).id();
   const float chosen_raw = static_cast<float>(row[token]);
   const float chosen = processed && !unit ? chosen_raw / temperature : chosen_raw;
-  // the rank: every token scoring >= the chosen one is kept (x = raw / T grows with raw)
+  // the rank: the kept tokens scoring >= the chosen one (x = raw / T grows with raw: that is all of them)
   int64_t rank = 0;
-  for (int64_t i = 0; i < kept; ++i) rank += kept_source[i] >= chosen;
+  const __m256 chosen_v = _mm256_set1_ps(chosen);
+  for_each_8_of_row(row, vocab, [&](int64_t, __m256 raw, unsigned lanes) {
+    const __m256 x = scaled(raw), source = processed ? x : raw;
+    rank += __builtin_popcount(lanes_where(x, keep, lanes) & lanes_where(source, chosen_v, lanes));
+  });
   *token_id = token;
   alignas(32) double sums[4];
   _mm256_store_pd(sums, sum);
