@@ -238,15 +238,15 @@ def test_paged_reuses_its_workspace_across_shapes_and_dtypes() -> None:
 
 
 def test_kernel_prefill_with_long_prompts_on_sdpa_matches_naive_attention(monkeypatch) -> None:
-    """With the CPU kernels on, a step's short prompts run the prefill kernel; on AMX CPUs its
-    long ones (SDPA_FROM_TOKENS and more, with or without a cached prefix) run SDPA in the same
-    step, and every row still matches the float64 reference."""
+    """With the CPU kernels on, a step's short prompts run the prefill kernel; on AMX and AVX2-only
+    CPUs its long ones (SDPA_FROM_TOKENS / AVX2_SDPA_FROM_TOKENS and more, with or without a cached
+    prefix) run SDPA in the same step, and every row still matches the float64 reference."""
     from pinfer import kernels
     from pinfer.model.attention import paged
 
     if not (kernels.load() and kernels.has("paged_prefill_attention_batch")):
         pytest.skip(f"no prefill kernel here ({kernels.status()})")
-    long = paged.SDPA_FROM_TOKENS
+    long = paged.AVX2_SDPA_FROM_TOKENS if kernels.avx2_only() else paged.SDPA_FROM_TOKENS
     batch = make_batch([(20, 20), (long, long), (37, 1), (long + 40, long), (9, 9)], 16, torch.bfloat16, seed=3)
     on_sdpa, real_prefill_one = [], paged.prefill_one
 
@@ -258,7 +258,7 @@ def test_kernel_prefill_with_long_prompts_on_sdpa_matches_naive_attention(monkey
     with kernels.active():
         out = PagedAttention().forward(batch.query, batch.k_cache, batch.v_cache, batch.meta, SCALE)
     torch.testing.assert_close(out.double(), naive_attention(batch), **TOLERANCE[torch.bfloat16])
-    assert on_sdpa == ([long, long] if kernels.uses_amx() else [])
+    assert on_sdpa == ([long, long] if kernels.uses_amx() or kernels.avx2_only() else [])
 
 
 def test_padded_prefill_only_for_short_similar_prompts() -> None:

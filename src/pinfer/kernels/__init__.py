@@ -6,7 +6,7 @@ tile instructions (used from 8-16 rows where the CPU has them; PINFER_AMX=0 turn
 a decode step's whole decoder stack in one call (model/fused_decode.py). On CPUs with AVX2 and
 FMA but no AVX-512 (AMD Zen 1-3, Intel client cores since Alder Lake) cpu_ops_avx2.cpp builds a
 subset: the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul), the int8 GEMM
-(exact sums on vpmaddubsw), decode attention, the norms, RoPE, SwiGLU, the sampler and the
+(exact sums on vpmaddubsw), decode and (short prompts') prefill attention, the norms, RoPE, SwiGLU, the sampler and the
 decode stack for bf16 and int8 linears on bf16 pools; on AVX-512 CPUs without
 AVX512-BF16 it builds the bf16 GEMM. cpu_ops_entry.h holds what both files share.
 
@@ -94,12 +94,18 @@ def load() -> bool:
         if not hasattr(torch.ops.pinfer, "paged_decode_attention"):
             _state["reason"] = "this CPU has neither AVX-512 nor AVX2 with FMA"
             return False
-        _state["loaded"], _state["reason"] = True, "loaded (AVX2: a subset, has(op) tells which)"
+        _state["loaded"], _state["avx2"] = True, True
+        _state["reason"] = "loaded (AVX2: a subset, has(op) tells which)"
         return True
     # AMX tiles for the GEMMs where the CPU has them (and Linux grants them); PINFER_AMX=0: AVX-512 only
     _state["amx"] = torch.ops.pinfer.use_amx(os.environ.get("PINFER_AMX", "1") != "0")
     _state["loaded"], _state["reason"] = True, "loaded"
     return True
+
+
+def avx2_only() -> bool:
+    """Whether the loaded build is cpu_ops_avx2.cpp's subset (a CPU with AVX2 but no AVX-512)."""
+    return bool(_state.get("avx2", False))
 
 
 def uses_amx() -> bool:
@@ -193,8 +199,9 @@ def has(op: str) -> bool:
     """Whether the build has this op. With AVX-512: int8_gemm and int4_gemm need VNNI,
     paged_prefill_attention BF16, decode_layers both, the rest F/BW (bf16_gemm without BF16 is
     cpu_ops_avx2.cpp's). With AVX2 and FMA only: bf16_gemm, int8_gemm, quantize_rows,
-    dequantize_rows, paged_decode_attention, rms_norm, add_rms_norm, rotary_, silu_mul, store_kv,
-    row_keys, gumbel_sample, argmax, decode_layers (bf16 and int8 linears, bf16 pools)."""
+    dequantize_rows, paged_decode_attention, paged_prefill_attention_batch, rms_norm, add_rms_norm,
+    rotary_, silu_mul, store_kv, row_keys, gumbel_sample, argmax, decode_layers (bf16 and int8
+    linears, bf16 pools)."""
     key = f"has {op}"
     if key not in _state:
         _state[key] = load() and hasattr(torch.ops.pinfer, op)

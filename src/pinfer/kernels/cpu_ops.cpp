@@ -173,10 +173,6 @@ void rotate_heads(T* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
 }
 
 
-// x_scale = max|x| / 127 and xq = round(x / x_scale): one row's int8 quantization (int8 linears)
-template <typename T>
-float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset = 0);
-
 // ---- paged decode attention ------------------------------------------------------------------
 // One new token per sequence against its keys in the paged pool, read in place through the
 // block table (no gather). Work item: (sequence, kv head) with its G = H / Hkv query heads.
@@ -1031,22 +1027,6 @@ float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset) {
   return x_scale;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous());
-  const int64_t rows = x.size(0), k_dim = x.size(1);
-  auto xq = at::empty({rows, k_dim}, x.options().dtype(at::kChar));
-  auto scales = at::empty({rows, 1}, x.options().dtype(at::kFloat));
-  PINFER_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        scales.data_ptr<float>()[r] = quantize_row(xp + r * k_dim, k_dim, xq.data_ptr<int8_t>() + r * k_dim);
-    });
-  });
-  return {xq, scales};
-}
-
 at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
                            at::ScalarType dtype) {
   // acc int32 [M, N] (torch._int_mm's result) -> float(acc) * x_scale[m] * w_scale[n], as dtype
@@ -1862,7 +1842,6 @@ TORCH_LIBRARY(pinfer, m) {
 #if PINFER_AVX512
   define_entry_ops(m);
   m.def("use_amx(bool allow) -> bool", &use_amx);
-  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
 #if defined(__AVX512BF16__)
   m.def("paged_prefill_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, "

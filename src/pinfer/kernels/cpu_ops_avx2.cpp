@@ -2,9 +2,10 @@
 // cores since Alder Lake), registered as torch.ops.pinfer.*; see kernels/__init__.py. A subset
 // of cpu_ops.cpp's, with the same schemas (cpu_ops_entry.h) and results to float rounding: the
 // bf16 GEMM (also built on AVX-512 CPUs without AVX512-BF16, where cpu_ops.cpp has none), the
-// int8 GEMM and activation quantization, paged decode attention, RMSNorm, RoPE, SwiGLU, the
-// Gumbel sampler, argmax and, from those, the decode stack for bf16 and int8 linears. Prefill
-// attention, int8 KV pools and the int4 GEMM keep the PyTorch path on these CPUs.
+// int8 GEMM and activation quantization, paged decode attention and (by the same arithmetic)
+// prefill attention, RMSNorm, RoPE, SwiGLU, the Gumbel sampler, argmax and, from those, the
+// decode stack for bf16 and int8 linears. int8 KV pools and the int4 GEMM keep the PyTorch path
+// on these CPUs.
 //
 // The bf16 GEMM. On such CPUs neither oneDNN nor aten has a fast bf16 matmul: torch 2.13's
 // F.linear in bf16 runs at ~8 GFLOPS a core on a Zen 3 (float32's MKL sgemm: ~67), and oneDNN
@@ -674,9 +675,9 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_c
 // Quantization as the PyTorch path's: x_scale = max|x| / 127, xq = round(x / x_scale) (half to
 // even); out = float(sum xq w) * x_scale * w_scale in that order, so the same bits.
 
-// One row's quantization: its values in [-127, 127] to xq, and x_scale returned.
+// One row's quantization (cpu_ops_entry.h)
 template <typename T>
-float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset) {
   __m256 mx = _mm256_setzero_ps();
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   int64_t k = 0;
@@ -689,26 +690,11 @@ float quantize_row(const T* x, int64_t k_dim, int8_t* xq) {
     const __m256 q = _mm256_round_ps(_mm256_div_ps(load8(x + k), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256i v = _mm256_cvtps_epi32(q);  // 8 int32 -> 8 bytes, in order
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(w, w));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_add_epi8(_mm_packs_epi16(w, w), _mm_set1_epi8(offset)));
   }
-  for (; k < k_dim; ++k) xq[k] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[k]) / x_scale));
+  for (; k < k_dim; ++k)
+    xq[k] = static_cast<int8_t>(static_cast<int32_t>(std::nearbyint(static_cast<float>(x[k]) / x_scale)) + offset);
   return x_scale;
-}
-
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
-  // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantize_rows: x [M, K] contiguous");
-  const int64_t rows = x.size(0), k_dim = x.size(1);
-  auto xq = at::empty({rows, k_dim}, x.options().dtype(at::kChar));
-  auto scales = at::empty({rows, 1}, x.options().dtype(at::kFloat));
-  PINFER_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        scales.data_ptr<float>()[r] = quantize_row(xp + r * k_dim, k_dim, xq.data_ptr<int8_t>() + r * k_dim);
-    });
-  });
-  return {xq, scales};
 }
 
 at::Tensor dequantize_rows(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
@@ -839,8 +825,6 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
             const int8_t* xi = xq.data() + i * k_dim;
             const int8_t* wb = w + nb * block_bytes;
             switch (rows) {
-              case 6: int8_dots<6, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
-              case 5: int8_dots<5, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
               case 4: int8_dots<4, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
               case 3: int8_dots<3, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
               case 2: int8_dots<2, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
@@ -852,6 +836,86 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
     });
   });
   return out;
+}
+
+// ---- prefill attention: a step's prefill sequences in one call ------------------------------
+// cpu_ops.cpp's paged_prefill_attention_batch, by the decode path's arithmetic: each new token
+// of a sequence is a decode item against its causal prefix (position p sees keys 0..p), read in
+// place from the pages. Work: (sequence, kv head, token) items, split between the threads by
+// their key counts. Each key row is read once per token instead of once per block of tokens,
+// so it suits short prompts, where SDPA pays for padding and per-sequence calls; the Python
+// side sends longer prompts to SDPA (model/attention/paged.py).
+// seqs [B, 4] int64: (row of block_tables, first query row, q_len, context_len); out [T, H, D]
+// receives the sequences' rows, the others left as they are.
+void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_tables, const at::Tensor& seqs, double scale,
+                                   at::Tensor& out) {
+  const int64_t head_dim = query.size(2), num_heads = query.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && query.scalar_type() == k_cache.scalar_type() &&
+              v_cache.scalar_type() == k_cache.scalar_type() && out.scalar_type() == query.scalar_type(),
+              "paged_prefill_attention_batch: contiguous pools of the query's dtype");
+  TORCH_CHECK(head_dim % 16 == 0 && head_dim <= 256 && num_heads % kv_heads == 0,
+              "paged_prefill_attention_batch: head_dim ", head_dim, " (AVX2: a multiple of 16 up to 256)");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == query.sizes(), "paged_prefill_attention_batch: out [T, H, D]");
+  const at::Tensor q = query.stride(2) == 1 && query.stride(1) == head_dim ? query : query.contiguous();
+  const at::Tensor tables = block_tables.contiguous(), info = seqs.contiguous();
+  TORCH_CHECK(tables.scalar_type() == at::kLong && info.scalar_type() == at::kLong && info.dim() == 2 &&
+              info.size(1) == 4, "paged_prefill_attention_batch: int64 block_tables and seqs [B, 4]");
+  const int64_t count = info.size(0), max_blocks = tables.size(1), block_size = k_cache.size(1);
+  const int64_t* s = info.data_ptr<int64_t>();
+  std::vector<int64_t> first_item(count + 1, 0);  // items: (sequence, kv head, token), sequence-major
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
+    TORCH_CHECK(row >= 0 && row < tables.size(0) && start >= 0 && q_len >= 1 && start + q_len <= q.size(0) &&
+                context_len >= q_len && max_blocks * block_size >= context_len,
+                "paged_prefill_attention_batch: sequence ", i, " (table row ", row, ", rows ", start, "+", q_len,
+                ", context ", context_len, ") out of range");
+    first_item[i + 1] = first_item[i] + kv_heads * q_len;
+  }
+  const int64_t items = first_item[count], group = num_heads / kv_heads;
+  const int64_t token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
+  struct Item { int64_t seq, head, token; };
+  auto item_at = [&](int64_t item) {
+    const int64_t i = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
+    const int64_t q_len = s[4 * i + 2], rest = item - first_item[i];
+    return Item{i, rest / q_len, rest % q_len};
+  };
+  auto keys_of = [&](const Item& it) { return s[4 * it.seq + 3] - s[4 * it.seq + 2] + it.token + 1; };
+  // contiguous item ranges of about equal key counts per thread
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  std::vector<int64_t> cost_before(items + 1, 0);
+  for (int64_t item = 0; item < items; ++item) cost_before[item + 1] = cost_before[item] + keys_of(item_at(item)) + 16;
+  auto first_item_of = [&](int64_t thread) {
+    const int64_t cost = cost_before[items] * thread / threads;
+    return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
+  };
+  PINFER_DISPATCH(q.scalar_type(), "paged_prefill_attention_batch", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k_cache.data_ptr<scalar_t>(), *vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
+      std::vector<const scalar_t*> k_rows, v_rows;
+      std::vector<float> scores, q_scaled(group * head_dim);
+      int64_t rows_of = -1;  // the (sequence, kv head) whose rows k_rows / v_rows hold
+      for (int64_t item = first_item_of(first_thread); item < std::min(first_item_of(last_thread), items); ++item) {
+        const Item it = item_at(item);
+        const int64_t row = s[4 * it.seq], start = s[4 * it.seq + 1], context_len = s[4 * it.seq + 3];
+        if (rows_of != it.seq * kv_heads + it.head) {
+          rows_of = it.seq * kv_heads + it.head;
+          const int64_t* table = tables.data_ptr<int64_t>() + row * max_blocks;
+          k_rows.resize(context_len), v_rows.resize(context_len), scores.resize(std::min<int64_t>(group, 3) * context_len);
+          for (int64_t pos = 0; pos < context_len; ++pos) {
+            const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride +
+                                   it.head * head_dim;
+            k_rows[pos] = kp + offset, v_rows[pos] = vp + offset;
+          }
+        }
+        const int64_t t = start + it.token;
+        decode_item(qp + t * q.stride(0) + it.head * group * head_dim, head_dim, k_rows.data(), v_rows.data(),
+                    keys_of(it), group, static_cast<float>(scale), scores.data(), q_scaled.data(),
+                    op + (t * num_heads + it.head * group) * head_dim);
+      }
+    });
+  });
 }
 
 // ---- the decoder stack (decode_layers, cpu_ops_entry.h) on bf16 or int8 linears and bf16 pools
@@ -883,7 +947,8 @@ TORCH_LIBRARY_FRAGMENT(pinfer, m) {
 #if !(defined(__AVX512F__) && defined(__AVX512BW__))
   define_entry_ops(m);
   m.def(kDecodeLayersSchema, &decode_layers);
-  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
+  m.def("paged_prefill_attention_batch(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seqs, float scale, Tensor(a!) out) -> ()", &paged_prefill_attention_batch);
   m.def("dequantize_rows(Tensor acc, Tensor x_scale, Tensor w_scale, ScalarType dtype) -> Tensor", &dequantize_rows);
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor w_sums, Tensor w_scale) -> Tensor", &int8_gemm);
 #endif

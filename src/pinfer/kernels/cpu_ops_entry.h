@@ -33,6 +33,10 @@ void gumbel_sample_rows(const T* logits, int64_t rows, int64_t vocab, const floa
                         bool processed, int64_t* token_ids, float* chosen_logprobs, int64_t* ranks);
 template <typename T>
 void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out);
+// x_scale = max|x| / 127 and xq = round(x / x_scale) (half to even), + offset mod 256: one row's
+// int8 quantization (int8 linears), x_scale returned
+template <typename T>
+float quantize_row(const T* x, int64_t k_dim, int8_t* xq, int8_t offset = 0);
 // query [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]; context_lens [B]
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
@@ -169,6 +173,22 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
+  // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantize_rows: x [M, K] contiguous");
+  const int64_t rows = x.size(0), k_dim = x.size(1);
+  auto xq = at::empty({rows, k_dim}, x.options().dtype(at::kChar));
+  auto scales = at::empty({rows, 1}, x.options().dtype(at::kFloat));
+  PINFER_DISPATCH(x.scalar_type(), "quantize_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        scales.data_ptr<float>()[r] = quantize_row(xp + r * k_dim, k_dim, xq.data_ptr<int8_t>() + r * k_dim);
+    });
+  });
+  return {xq, scales};
+}
+
 // ---- a decode step's whole decoder stack ------------------------------------------------------
 // What model/llama.py's Llama-family layers run when every sequence feeds one token, as the
 // kernels' ops in the same order, so the same bits: the Python path spends ~25 interpreter-level
@@ -248,6 +268,7 @@ inline void define_entry_ops(torch::Library& m) {
   m.def("gumbel_sample(Tensor logits, Tensor temperature, Tensor row_keys, bool processed) -> (Tensor, Tensor, Tensor)",
         &gumbel_sample);
   m.def("argmax(Tensor logits) -> Tensor", &argmax);
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)", &quantize_rows);
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
         &store_kv);
   m.def("paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "

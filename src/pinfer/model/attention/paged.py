@@ -49,8 +49,12 @@ import torch.nn.functional as F
 from pinfer import kernels
 from pinfer.model.attention.base import AttentionBackend, AttentionMetadata, Int8KV, KVPool, gather_blocks, values_dtype
 
-# AMX CPUs: prefill sequences this long run SDPA instead of the kernel (measured crossover ~64-96)
+# Prefill sequences this long run SDPA instead of the kernel: on AMX CPUs (measured crossover
+# ~64-96), and on AVX2-only ones, whose kernel reads every key row once per new token (a Zen 3,
+# SmolLM2's heads, bf16, one sequence: the kernel 2.2x SDPA at 64 tokens, 1.3x at 512, even at
+# 768-1,002, 0.65x at 2,048)
 SDPA_FROM_TOKENS = 96
+AVX2_SDPA_FROM_TOKENS = 512
 
 
 def decode_blocks(max_context_len: int, block_size: int, sliding_window: int | None) -> int:
@@ -294,7 +298,7 @@ class PagedAttention(AttentionBackend):
         # pinfer's prefill kernel (bf16, full attention): every prefill sequence in one call, unpadded.
         kernel = (self.prefill_mode == "auto" and window is None and kernels.usable(query)
                   and query.dtype == values_dtype(k_cache) == torch.bfloat16 and query.shape[-1] in (64, 128, 256)
-                  and kernels.has("paged_prefill_attention_batch"))  # an AVX512-BF16 build
+                  and kernels.has("paged_prefill_attention_batch"))  # an AVX512-BF16 or AVX2 build
         padded = self.prefill_mode == "padded" or (
             self.prefill_mode == "auto" and not kernel and use_padded_prefill(prefill_query_lens, prefill_context_lens)
         )
@@ -321,8 +325,10 @@ class PagedAttention(AttentionBackend):
         else:
             starts = [0, *accumulate(query_lens)]
             # Where the CPU has AMX, SDPA's flash kernel (oneDNN's tiles) beats pinfer's on longer
-            # prompts (examples/kernel_microbench.py: 64 tokens even, 128 1.7x, 1,002 3.4x).
-            kernel_below = SDPA_FROM_TOKENS if kernels.uses_amx() else float("inf")
+            # prompts (examples/kernel_microbench.py: 64 tokens even, 128 1.7x, 1,002 3.4x); on
+            # AVX2-only CPUs SDPA's blocked kernel beats the AVX2 one's token-by-token reads.
+            kernel_below = (SDPA_FROM_TOKENS if kernels.uses_amx() else AVX2_SDPA_FROM_TOKENS if kernels.avx2_only()
+                            else float("inf"))
             by_kernel = [i for i in prefill if kernel and query_lens[i] < kernel_below]
             if by_kernel:  # every such sequence in one call: (table row, first row, new tokens, context)
                 tables, k_pages, v_pages = meta.block_tables, k_cache, v_cache
