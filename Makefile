@@ -29,7 +29,7 @@ browser:
 	.ci/install-browser
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # llama.cpp's server, the peer of `pinfer bench -e llama.cpp -w serve` (optional; CI does not build it,
 # ~7 min on 2 cores): the llama.cpp that llama-cpp-python $(LLAMA_CPP_PYTHON) vendors (the offline

@@ -147,7 +147,7 @@ def test_paged_decode_attention_names_an_unsupported_head_size():
                                                 torch.ones(1, dtype=torch.long), 1.0, 0)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64, 131])  # 1: the batch-1 tile; 5, 131: partial row tiles
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 64, 131])  # 1: the batch-1 tile; 6: one AVX2 tile; 7, 131: partial tiles
 @pytest.mark.parametrize("k_dim,n_dim", [(576, 960), (1536, 576), (64, 48), (576, 80)])  # 48, 80: odd block counts
 def test_bf16_gemm_sums_in_float32_and_rounds_once(rows, k_dim, n_dim):
     needs("bf16_gemm")

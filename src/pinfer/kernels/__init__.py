@@ -6,9 +6,9 @@ tile instructions (used from 8-16 rows where the CPU has them; PINFER_AMX=0 turn
 a decode step's whole decoder stack in one call (model/fused_decode.py). On CPUs with AVX2 and
 FMA but no AVX-512 (AMD Zen 1-3, Intel client cores since Alder Lake) cpu_ops_avx2.cpp builds a
 subset: the bf16 GEMM (there neither oneDNN nor aten has a fast bf16 matmul), the int8 GEMM
-(exact sums on vpmaddubsw), decode and (short prompts') prefill attention, the norms, RoPE, SwiGLU, the sampler and the
-decode stack for bf16 and int8 linears on bf16 pools; on AVX-512 CPUs without
-AVX512-BF16 it builds the bf16 GEMM. cpu_ops_entry.h holds what both files share.
+(exact sums on vpmaddubsw), decode and (short prompts') prefill attention, the norms, RoPE,
+SwiGLU, the sampler and the decode stack for bf16 and int8 linears on bf16 pools; on AVX-512
+CPUs without AVX512-BF16 it builds the bf16 GEMM. cpu_ops_entry.h holds what both files share.
 
 Why: a profile of SmolLM2 decode on 2 cores put a third of a batch-64 step outside the
 matmuls (SDPA plus the page gather, then the sampler's passes over [batch, vocab]), and at
