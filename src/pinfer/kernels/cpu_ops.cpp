@@ -1760,13 +1760,7 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
               info.size(1) == 4, "paged_prefill_attention_batch: int64 block_tables and seqs [B, 4]");
   const int64_t count = info.size(0), max_blocks = tables.size(1), block_size = k_cache.size(1);
   const int64_t* s = info.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
-    TORCH_CHECK(row >= 0 && row < tables.size(0) && start >= 0 && q_len >= 1 && start + q_len <= q.size(0) &&
-                context_len >= q_len && max_blocks * block_size >= context_len,
-                "paged_prefill_attention_batch: sequence ", i, " (table row ", row, ", rows ", start, "+", q_len,
-                ", context ", context_len, ") out of range");
-  }
+  check_prefill_seqs(s, count, tables, q.size(0), block_size);
   const bf16* qp = q.data_ptr<bf16>();
   const bf16 *kp = k_cache.data_ptr<bf16>(), *vp = v_cache.data_ptr<bf16>();
   const int64_t* tp = tables.data_ptr<int64_t>();

@@ -125,6 +125,29 @@ constexpr int kTileRows = 6;
 // while the weights stream past.
 constexpr int64_t kPanelBytes = 192 * 1024;
 
+// The column-block loop both GEMMs share: each thread takes a range of the N / 16 column blocks.
+// At batch 1, one_row(block, blocks) computes 2 blocks at a time (1 for an odd last one), the
+// weights read once; else, for each panel of panel_rows input rows (kept in L2 while the weights
+// stream past), tile(row, rows, block) computes up to tile_rows rows of one block, whose weights
+// stay in L1/L2 across the panel.
+template <class OneRow, class Tile>
+void gemm_blocks(int64_t m_dim, int64_t n_blocks, int64_t panel_rows, int tile_rows, const OneRow& one_row,
+                 const Tile& tile) {
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    if (m_dim == 1) {
+      int64_t nb = begin;
+      for (; nb + 2 <= end; nb += 2) one_row(nb, 2);
+      if (nb < end) one_row(nb, 1);
+      return;
+    }
+    for (int64_t m0 = 0; m0 < m_dim; m0 += panel_rows) {
+      const int64_t m1 = std::min(m_dim, m0 + panel_rows);
+      for (int64_t nb = begin; nb < end; ++nb)
+        for (int64_t i = m0; i < m1; i += tile_rows) tile(i, static_cast<int>(std::min<int64_t>(tile_rows, m1 - i)), nb);
+    }
+  });
+}
+
 at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
   // x bf16 [M, K]; packed bf16 [N / 16, K / 2, 16, 2]; bias [N] (any float dtype) or None
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.dim() == 4,
@@ -156,39 +179,28 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& packed, const c10::o
       }
   };
   const int64_t panel_rows = std::max<int64_t>(kTileRows, kPanelBytes / (k_dim * 4) / kTileRows * kTileRows);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) __m256 sums[kTileRows * 4];
-    if (m_dim == 1) {  // batch 1: two blocks a tile (8 independent sums), the weights read once
-      int64_t nb = begin;
-      for (; nb + 2 <= end; nb += 2) {
-        bf16_dots<1, 4>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
-        store(0, 1, nb * 16, 4, sums);
-      }
-      if (nb < end) {
-        bf16_dots<1, 2>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
-        store(0, 1, nb * 16, 2, sums);
-      }
-      return;
-    }
-    for (int64_t m0 = 0; m0 < m_dim; m0 += panel_rows) {
-      const int64_t m1 = std::min(m_dim, m0 + panel_rows);
-      for (int64_t nb = begin; nb < end; ++nb)  // the block's weights stay in L1/L2 across the panel
-        for (int64_t i = m0; i < m1; i += kTileRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m1 - i));
-          const float* xi = xp + i * k_dim;
-          const uint8_t* wb = w + nb * block_bytes;
-          switch (rows) {
-            case 6: bf16_dots_tall<6>(xi, k_dim, wb, groups, sums); break;
-            case 5: bf16_dots_tall<5>(xi, k_dim, wb, groups, sums); break;
-            case 4: bf16_dots_tall<4>(xi, k_dim, wb, groups, sums); break;
-            case 3: bf16_dots_tall<3>(xi, k_dim, wb, groups, sums); break;
-            case 2: bf16_dots_tall<2>(xi, k_dim, wb, groups, sums); break;
-            default: bf16_dots_tall<1>(xi, k_dim, wb, groups, sums); break;
-          }
-          store(i, rows, nb * 16, 2, sums);
+  gemm_blocks(
+      m_dim, n_blocks, panel_rows, kTileRows,
+      [&](int64_t nb, int blocks) {
+        alignas(32) __m256 sums[4];
+        if (blocks == 2) bf16_dots<1, 4>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+        else bf16_dots<1, 2>(xp, k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+        store(0, 1, nb * 16, 2 * blocks, sums);
+      },
+      [&](int64_t i, int rows, int64_t nb) {
+        alignas(32) __m256 sums[kTileRows * 2];
+        const float* xi = xp + i * k_dim;
+        const uint8_t* wb = w + nb * block_bytes;
+        switch (rows) {
+          case 6: bf16_dots_tall<6>(xi, k_dim, wb, groups, sums); break;
+          case 5: bf16_dots_tall<5>(xi, k_dim, wb, groups, sums); break;
+          case 4: bf16_dots_tall<4>(xi, k_dim, wb, groups, sums); break;
+          case 3: bf16_dots_tall<3>(xi, k_dim, wb, groups, sums); break;
+          case 2: bf16_dots_tall<2>(xi, k_dim, wb, groups, sums); break;
+          default: bf16_dots_tall<1>(xi, k_dim, wb, groups, sums); break;
         }
-    }
-  });
+        store(i, rows, nb * 16, 2, sums);
+      });
   return out;
 }
 #endif  // !__AVX512BF16__
@@ -840,37 +852,26 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
     };
     // input rows per pass over a thread's columns: ~192 KB, kept in L2 while the weights stream
     const int64_t panel_rows = std::max<int64_t>(kInt8TileRows, kPanelBytes / k_dim / kInt8TileRows * kInt8TileRows);
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      alignas(32) __m256i sums[kInt8TileRows * 4];
-      if (m_dim == 1) {  // batch 1: two blocks a tile (4 independent sums), the weights read once
-        int64_t nb = begin;
-        for (; nb + 2 <= end; nb += 2) {
-          int8_dots<1, 4>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
-          store(0, 1, nb * 16, 4, sums);
-        }
-        if (nb < end) {
-          int8_dots<1, 2>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
-          store(0, 1, nb * 16, 2, sums);
-        }
-        return;
-      }
-      for (int64_t m0 = 0; m0 < m_dim; m0 += panel_rows) {
-        const int64_t m1 = std::min(m_dim, m0 + panel_rows);
-        for (int64_t nb = begin; nb < end; ++nb)  // the block's weights stay in L1/L2 across the panel
-          for (int64_t i = m0; i < m1; i += kInt8TileRows) {
-            const int rows = static_cast<int>(std::min<int64_t>(kInt8TileRows, m1 - i));
-            const int8_t* xi = xq.data() + i * k_dim;
-            const int8_t* wb = w + nb * block_bytes;
-            switch (rows) {
-              case 4: int8_dots<4, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
-              case 3: int8_dots<3, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
-              case 2: int8_dots<2, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
-              default: int8_dots<1, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
-            }
-            store(i, rows, nb * 16, 2, sums);
+    gemm_blocks(
+        m_dim, n_blocks, panel_rows, kInt8TileRows,
+        [&](int64_t nb, int blocks) {
+          alignas(32) __m256i sums[4];
+          if (blocks == 2) int8_dots<1, 4>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+          else int8_dots<1, 2>(xq.data(), k_dim, w + nb * block_bytes, block_bytes, groups, sums);
+          store(0, 1, nb * 16, 2 * blocks, sums);
+        },
+        [&](int64_t i, int rows, int64_t nb) {
+          alignas(32) __m256i sums[kInt8TileRows * 2];
+          const int8_t* xi = xq.data() + i * k_dim;
+          const int8_t* wb = w + nb * block_bytes;
+          switch (rows) {
+            case 4: int8_dots<4, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            case 3: int8_dots<3, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            case 2: int8_dots<2, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
+            default: int8_dots<1, 2>(xi, k_dim, wb, block_bytes, groups, sums); break;
           }
-      }
-    });
+          store(i, rows, nb * 16, 2, sums);
+        });
   });
   return out;
 }
@@ -901,14 +902,8 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
   const int64_t count = info.size(0), max_blocks = tables.size(1), block_size = k_cache.size(1);
   const int64_t* s = info.data_ptr<int64_t>();
   std::vector<int64_t> first_item(count + 1, 0);  // items: (sequence, kv head, token), sequence-major
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
-    TORCH_CHECK(row >= 0 && row < tables.size(0) && start >= 0 && q_len >= 1 && start + q_len <= q.size(0) &&
-                context_len >= q_len && max_blocks * block_size >= context_len,
-                "paged_prefill_attention_batch: sequence ", i, " (table row ", row, ", rows ", start, "+", q_len,
-                ", context ", context_len, ") out of range");
-    first_item[i + 1] = first_item[i] + kv_heads * q_len;
-  }
+  check_prefill_seqs(s, count, tables, q.size(0), block_size);
+  for (int64_t i = 0; i < count; ++i) first_item[i + 1] = first_item[i] + kv_heads * s[4 * i + 2];
   const int64_t items = first_item[count], group = num_heads / kv_heads;
   const int64_t token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
   struct Item { int64_t seq, head, token; };

@@ -173,6 +173,19 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   });
 }
 
+// paged_prefill_attention_batch's sequences, seqs [B, 4] int64 (row of block_tables, first
+// query row, q_len, context_len), each checked against the tables and the query's rows.
+inline void check_prefill_seqs(const int64_t* s, int64_t count, const at::Tensor& tables, int64_t query_rows,
+                               int64_t block_size) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = s[4 * i], start = s[4 * i + 1], q_len = s[4 * i + 2], context_len = s[4 * i + 3];
+    TORCH_CHECK(row >= 0 && row < tables.size(0) && start >= 0 && q_len >= 1 && start + q_len <= query_rows &&
+                context_len >= q_len && tables.size(1) * block_size >= context_len,
+                "paged_prefill_attention_batch: sequence ", i, " (table row ", row, ", rows ", start, "+", q_len,
+                ", context ", context_len, ") out of range");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x) {
   // x [M, K] float32/bf16 -> (xq int8 [M, K], x_scale float32 [M, 1])
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantize_rows: x [M, K] contiguous");
