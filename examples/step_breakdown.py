@@ -6,11 +6,11 @@
 
 Builds a copy of the kernels (kernels/cpu_ops.cpp, cpu_ops_avx2.cpp and their shared header) in
 which every at::parallel_for is timed (once per machine and source, ~30 s, in pinfer's kernel
-cache): the region's wall time on the calling
-thread, and each of the two threads' time in its chunk. Then runs the bench's rollout
-workload (64 prompts x 128 tokens, temperature 1, logprobs, EOS ignored), or with --latency
-its batch-1 greedy prompt, after a warm-up, and prints, in ms per decode step (the steps
-after every prompt's prefill):
+cache): the region's wall time on the calling thread, and each of the two threads' time in its
+chunk. A region is named after the function it sits in (the AVX2 GEMMs' after gemm_blocks, the
+loop both share). Then runs the bench's rollout workload (64 prompts x 128 tokens, temperature
+1, logprobs, EOS ignored), or with --latency its batch-1 greedy prompt, after a warm-up, and
+prints, in ms per decode step (the steps after every prompt's prefill):
   - each kernel's parallel regions, with how busy each thread was in them;
   - the engine's phases (Python, with the ops they call);
   - the serial rest: the step's wall time minus the regions' (Python, op dispatch and
@@ -25,7 +25,6 @@ import argparse
 import collections
 import functools
 import re
-import shutil
 import time
 from pathlib import Path
 

@@ -105,7 +105,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
 // ---- RMSNorm ----------------------------------------------------------------------------------
@@ -141,8 +140,6 @@ void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t row
   });
 }
 
-
-
 // ---- RoPE, "rotate half" layout, in place ------------------------------------------------------
 // x1' = x1*c - x2*s, x2' = x2*c + x1*s with c, s rounded to T first and every product and
 // sum rounded to T, as the aten ops of layers/rotary.py do in T.
@@ -172,7 +169,6 @@ void rotate_heads(T* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t
   });
 }
 
-
 // ---- paged decode attention ------------------------------------------------------------------
 // One new token per sequence against its keys in the paged pool, read in place through the
 // block table (no gather). Work item: (sequence, kv head) with its G = H / Hkv query heads.
@@ -186,22 +182,6 @@ constexpr int64_t kPrefetch = 16;  // positions ahead; measured best of 4, 8, 16
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(c + offset, _MM_HINT_T1);
-}
-
-// Where threads contiguous ranges of items 0..count of about equal total cost(item) begin
-// and end: [threads + 1] bounds.
-template <typename Cost>
-std::vector<int64_t> equal_work_bounds(int64_t count, int64_t threads, Cost&& cost) {
-  int64_t total = 0;
-  for (int64_t item = 0; item < count; ++item) total += cost(item);
-  std::vector<int64_t> bounds(threads + 1, count);
-  bounds[0] = 0;
-  int64_t done = 0, t = 1;
-  for (int64_t item = 0; item < count && t < threads; ++item) {
-    done += cost(item);
-    while (t < threads && done * threads >= total * t) bounds[t++] = item + 1;
-  }
-  return bounds;
 }
 
 // The batch's work items and where each reads. An item is one sequence's span of kv heads: all
@@ -925,8 +905,6 @@ void argmax_rows(const T* logits, int64_t rows, int64_t vocab, int64_t* out) {
   });
 }
 
-
-
 // ---- SwiGLU's silu(gate) * up -------------------------------------------------------------
 // gate_up [T, 2I] -> [T, I]; silu as aten computes it (x / (1 + exp(-x)) in float32, Sleef's
 // expf), rounded to T, then the product rounded to T: the bits of F.silu(gate) * up.
@@ -964,7 +942,6 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t width) {
     }
   });
 }
-
 
 #if defined(__AVX512VNNI__)
 void store_kv_int8(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -1797,8 +1774,6 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
   });
 }
 #endif
-
-
 
 // ---- a decode step's whole decoder stack (decode_layers, cpu_ops_entry.h): its two hooks --------
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)

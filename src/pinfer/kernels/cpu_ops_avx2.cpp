@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -574,10 +573,10 @@ inline void score_positions(const float* q_scaled, int64_t head_dim, int vecs, c
   }
 }
 
-// out[r] (float32 accumulators, vectors c0..c0 + CV) += sum_u p[r][u] V[u] for GR rows
+// out[r]'s vectors c0..c0 + CV = inv_sum[r] * sum_u p[r][u] V[u], for GR rows
 template <int GR, int CV, typename T>
 inline void weigh_values(const float* p, int64_t n, const T* const* v_rows, int c0, bool prefetch, int64_t row_bytes,
-                         __m256* acc /* [GR][CV] */) {
+                         const float* inv_sum, int64_t head_dim, T* out) {
   __m256 sums[GR][CV];
   for (int r = 0; r < GR; ++r)
     for (int c = 0; c < CV; ++c) sums[r][c] = _mm256_setzero_ps();
@@ -591,10 +590,11 @@ inline void weigh_values(const float* p, int64_t n, const T* const* v_rows, int 
     }
   }
   for (int r = 0; r < GR; ++r)
-    for (int c = 0; c < CV; ++c) acc[r * CV + c] = sums[r][c];
+    for (int c = 0; c < CV; ++c)
+      store8(out + r * head_dim + (c0 + c) * 8, _mm256_mul_ps(sums[r][c], _mm256_set1_ps(inv_sum[r])));
 }
 
-// GR query rows of one item (rows r0.. of its group): scores, softmax, then P.V into out.
+// GR query rows of one item (GR of its group's heads): scores, softmax, then P.V into out.
 template <int GR, typename T>
 void decode_rows(const float* q_scaled, int64_t head_dim, const T* const* k_rows, const T* const* v_rows, int64_t n,
                  float* scores, bool first_rows, T* out) {
@@ -621,19 +621,12 @@ void decode_rows(const float* q_scaled, int64_t head_dim, const T* const* k_rows
     for (; u < n; ++u) total += (s[u] = std::exp(s[u] - max_score));
     inv_sum[r] = 1.0f / total;
   }
-  // P.V 4 vectors (32 dims) at a time, GR x 4 accumulators; head_dim % 16 == 0, so 2 may remain
-  const bool prefetch = first_rows;
-  auto weigh = [&](auto cv, int c0) {
-    constexpr int CV = decltype(cv)::value;
-    __m256 acc[GR * CV];
-    weigh_values<GR, CV>(scores, n, v_rows, c0, prefetch && c0 == 0, row_bytes, acc);
-    for (int r = 0; r < GR; ++r)
-      for (int c = 0; c < CV; ++c)
-        store8(out + r * head_dim + (c0 + c) * 8, _mm256_mul_ps(acc[r * CV + c], _mm256_set1_ps(inv_sum[r])));
-  };
+  // P.V 4 vectors (32 dims) at a time, GR x 4 accumulators; head_dim % 16 == 0, so 2 may remain.
+  // The V rows are prefetched on the item's first pass over them.
   int c0 = 0;
-  for (; c0 + 4 <= vecs; c0 += 4) weigh(std::integral_constant<int, 4>(), c0);
-  if (c0 < vecs) weigh(std::integral_constant<int, 2>(), c0);
+  for (; c0 + 4 <= vecs; c0 += 4)
+    weigh_values<GR, 4>(scores, n, v_rows, c0, first_rows && c0 == 0, row_bytes, inv_sum, head_dim, out);
+  if (c0 < vecs) weigh_values<GR, 2>(scores, n, v_rows, c0, first_rows && c0 == 0, row_bytes, inv_sum, head_dim, out);
 }
 
 template <typename T>
@@ -652,43 +645,50 @@ void decode_item(const T* q, int64_t head_dim, const T* const* k_rows, const T* 
   }
 }
 
+// A paged pool pair [num_blocks, block_size, Hkv, D] and how to find a position's rows in it.
+template <typename T>
+struct PagedKV {
+  const T *k_cache, *v_cache;
+  int64_t block_size, token_stride, head_dim;
+  PagedKV(const T* k, const T* v, int64_t block_size, int64_t kv_heads, int64_t head_dim)
+      : k_cache(k), v_cache(v), block_size(block_size), token_stride(kv_heads * head_dim), head_dim(head_dim) {}
+  // kv head `head`'s K and V rows at positions first .. first + n - 1, through a block table
+  void rows(const int64_t* table, int64_t first, int64_t n, int64_t head, std::vector<const T*>& k_rows,
+            std::vector<const T*>& v_rows) const {
+    k_rows.resize(n), v_rows.resize(n);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = first + t;
+      const int64_t offset =
+          (table[pos / block_size] * block_size + pos % block_size) * token_stride + head * head_dim;
+      k_rows[t] = k_cache + offset, v_rows[t] = v_cache + offset;
+    }
+  }
+};
+
 template <typename T>
 void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                       int64_t max_blocks, const int64_t* context_lens, T* out, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window) {
   const int64_t group = num_heads / num_kv_heads, items = num_seqs * num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim, block_stride = block_size * token_stride;
+  const PagedKV<T> pool(k_cache, v_cache, block_size, num_kv_heads, head_dim);
   auto first_position = [&](int64_t b) { return window > 0 ? std::max<int64_t>(0, context_lens[b] - window) : 0; };
   // contiguous item ranges of about equal positions per thread: contexts differ
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  std::vector<int64_t> cost_before(items + 1, 0);
-  for (int64_t i = 0; i < items; ++i) {
+  const std::vector<int64_t> bounds = equal_work_bounds(items, threads, [&](int64_t i) {
     const int64_t b = i / num_kv_heads;
-    cost_before[i + 1] = cost_before[i] + context_lens[b] - first_position(b) + 16;
-  }
-  auto first_item_at = [&](int64_t thread) {  // the first item whose work starts at or past thread / threads of all
-    const int64_t cost = cost_before[items] * thread / threads;
-    return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
-  };
+    return context_lens[b] - first_position(b) + 16;
+  });
   at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
     std::vector<const T*> k_rows, v_rows;
-    std::vector<float> scores, q_scaled(num_heads / num_kv_heads * head_dim);
-    for (int64_t thread = first_thread; thread < last_thread; ++thread) {
-      const int64_t begin = first_item_at(thread), end = first_item_at(thread + 1);
-      for (int64_t item = begin; item < std::min(end, items); ++item) {
-        const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
-        const int64_t first = first_position(b), n = context_lens[b] - first;
-        const int64_t* table = block_tables + b * max_blocks;
-        k_rows.resize(n), v_rows.resize(n), scores.resize(std::min<int64_t>(group, 3) * n);
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t pos = first + t;
-          const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride + h * head_dim;
-          k_rows[t] = k_cache + offset, v_rows[t] = v_cache + offset;
-        }
-        const T* qi = q + b * q_stride + h * group * head_dim;
-        T* oi = out + (b * num_heads + h * group) * head_dim;
-        decode_item(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), q_scaled.data(), oi);
-      }
+    std::vector<float> scores, q_scaled(group * head_dim);
+    for (int64_t item = bounds[first_thread]; item < bounds[last_thread]; ++item) {
+      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t first = first_position(b), n = context_lens[b] - first;
+      pool.rows(block_tables + b * max_blocks, first, n, h, k_rows, v_rows);
+      scores.resize(std::min<int64_t>(group, 3) * n);
+      const T* qi = q + b * q_stride + h * group * head_dim;
+      T* oi = out + (b * num_heads + h * group) * head_dim;
+      decode_item(qi, head_dim, k_rows.data(), v_rows.data(), n, group, scale, scores.data(), q_scaled.data(), oi);
     }
   });
 }
@@ -905,7 +905,6 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
   check_prefill_seqs(s, count, tables, q.size(0), block_size);
   for (int64_t i = 0; i < count; ++i) first_item[i + 1] = first_item[i] + kv_heads * s[4 * i + 2];
   const int64_t items = first_item[count], group = num_heads / kv_heads;
-  const int64_t token_stride = kv_heads * head_dim, block_stride = block_size * token_stride;
   struct Item { int64_t seq, head, token; };
   auto item_at = [&](int64_t item) {
     const int64_t i = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
@@ -915,32 +914,24 @@ void paged_prefill_attention_batch(const at::Tensor& query, const at::Tensor& k_
   auto keys_of = [&](const Item& it) { return s[4 * it.seq + 3] - s[4 * it.seq + 2] + it.token + 1; };
   // contiguous item ranges of about equal key counts per thread
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-  std::vector<int64_t> cost_before(items + 1, 0);
-  for (int64_t item = 0; item < items; ++item) cost_before[item + 1] = cost_before[item] + keys_of(item_at(item)) + 16;
-  auto first_item_of = [&](int64_t thread) {
-    const int64_t cost = cost_before[items] * thread / threads;
-    return std::lower_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin();
-  };
+  const std::vector<int64_t> bounds =
+      equal_work_bounds(items, threads, [&](int64_t item) { return keys_of(item_at(item)) + 16; });
   PINFER_DISPATCH(q.scalar_type(), "paged_prefill_attention_batch", [&] {
-    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k_cache.data_ptr<scalar_t>(), *vp = v_cache.data_ptr<scalar_t>();
+    const PagedKV<scalar_t> pool(k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), block_size, kv_heads,
+                                 head_dim);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
       std::vector<const scalar_t*> k_rows, v_rows;
       std::vector<float> scores, q_scaled(group * head_dim);
       int64_t rows_of = -1;  // the (sequence, kv head) whose rows k_rows / v_rows hold
-      for (int64_t item = first_item_of(first_thread); item < std::min(first_item_of(last_thread), items); ++item) {
+      for (int64_t item = bounds[first_thread]; item < bounds[last_thread]; ++item) {
         const Item it = item_at(item);
         const int64_t row = s[4 * it.seq], start = s[4 * it.seq + 1], context_len = s[4 * it.seq + 3];
         if (rows_of != it.seq * kv_heads + it.head) {
           rows_of = it.seq * kv_heads + it.head;
-          const int64_t* table = tables.data_ptr<int64_t>() + row * max_blocks;
-          k_rows.resize(context_len), v_rows.resize(context_len);
+          pool.rows(tables.data_ptr<int64_t>() + row * max_blocks, 0, context_len, it.head, k_rows, v_rows);
           scores.resize(std::min<int64_t>(group, 3) * context_len);
-          for (int64_t pos = 0; pos < context_len; ++pos) {
-            const int64_t offset = table[pos / block_size] * block_stride + (pos % block_size) * token_stride +
-                                   it.head * head_dim;
-            k_rows[pos] = kp + offset, v_rows[pos] = vp + offset;
-          }
         }
         const int64_t t = start + it.token;
         decode_item(qp + t * q.stride(0) + it.head * group * head_dim, head_dim, k_rows.data(), v_rows.data(),

@@ -173,6 +173,22 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
   });
 }
 
+// Where threads contiguous ranges of items 0..count of about equal total cost(item) begin
+// and end: [threads + 1] bounds.
+template <typename Cost>
+std::vector<int64_t> equal_work_bounds(int64_t count, int64_t threads, Cost&& cost) {
+  int64_t total = 0;
+  for (int64_t item = 0; item < count; ++item) total += cost(item);
+  std::vector<int64_t> bounds(threads + 1, count);
+  bounds[0] = 0;
+  int64_t done = 0, t = 1;
+  for (int64_t item = 0; item < count && t < threads; ++item) {
+    done += cost(item);
+    while (t < threads && done * threads >= total * t) bounds[t++] = item + 1;
+  }
+  return bounds;
+}
+
 // paged_prefill_attention_batch's sequences, seqs [B, 4] int64 (row of block_tables, first
 // query row, q_len, context_len), each checked against the tables and the query's rows.
 inline void check_prefill_seqs(const int64_t* s, int64_t count, const at::Tensor& tables, int64_t query_rows,
